@@ -1,0 +1,30 @@
+"""lightning-slsam: Sparse-Layer Sharpness-Aware Minimization and its competitors for PyTorch Lightning."""
+
+from lightning_slsam.arms import Arm, ArmLayout, build_arms
+from lightning_slsam.callback import SAM, SLSAM, Plain, SharpnessAware
+from lightning_slsam.methods import Method, PassOne, PlainMethod, SAMMethod, SLSAMMethod
+from lightning_slsam.mixin import SharpnessAwareMixin
+from lightning_slsam.samplers import ArmSampler, Exp3Sampler, FixedSampler, UniformSampler, project_capped_simplex
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "SLSAM",
+    "Arm",
+    "ArmLayout",
+    "ArmSampler",
+    "Exp3Sampler",
+    "FixedSampler",
+    "Method",
+    "PassOne",
+    "Plain",
+    "PlainMethod",
+    "SAMMethod",
+    "SLSAMMethod",
+    "SharpnessAware",
+    "SharpnessAwareMixin",
+    "UniformSampler",
+    "build_arms",
+    "project_capped_simplex",
+]

@@ -1,0 +1,271 @@
+"""The callbacks a user adds to the Trainer: each owns one method, its arms, logging and checkpoint state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
+from lightning_slsam.methods.interface import Method, PassOne, check_rho
+from lightning_slsam.methods.plain import PlainMethod
+from lightning_slsam.methods.sam import SAMMethod
+from lightning_slsam.methods.slsam import SLSAMMethod
+from lightning_slsam.mixin import SharpnessAwareMixin
+from lightning_slsam.samplers import Exp3Sampler, UniformSampler, _check_sparsity
+
+BN_RUNNING_STATS = ("pass1", "both")
+SAMPLERS = ("exp3", "uniform")
+
+
+def find_sharpness_callback(trainer: pl.Trainer) -> SharpnessAware | None:
+    """The Trainer's sharpness-aware callback, or None."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, SharpnessAware):
+            return callback
+    return None
+
+
+class SharpnessAware(pl.Callback):
+    """Base class of the method callbacks. Subclasses build their :class:`Method` in ``build_method``.
+
+    Args:
+        arms: how parameters are grouped into arms: ``"tensor"`` (default), ``"module"`` or ``"block"``.
+        bn_running_stats: ``"pass1"`` (default) updates BatchNorm running statistics in pass 1 only;
+            ``"both"`` lets pass 2 (at the perturbed weights) update them too.
+
+    Logged every step (``self.log`` of the module, so any Lightning logger gets them):
+    ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
+    ``train/grad_norm`` (``||g||`` over the pass-1 arms, unscaled), ``train/active_ratio`` (fraction of
+    trainable elements with a gradient in pass 1), ``train/active_ratio_pass2`` and ``train/passes``.
+    At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began.
+    """
+
+    def __init__(self, arms: str = "tensor", bn_running_stats: str = "pass1") -> None:
+        if arms not in ARM_MODES:
+            raise ValueError(f"arms: unknown arms mode {arms!r}; expected one of {', '.join(ARM_MODES)}")
+        if bn_running_stats not in BN_RUNNING_STATS:
+            raise ValueError(
+                f"bn_running_stats: expected one of {', '.join(BN_RUNNING_STATS)}, got {bn_running_stats!r}"
+            )
+        self.arms = arms
+        self.bn_running_stats = bn_running_stats
+        self.method: Method | None = None
+        self.layout: ArmLayout | None = None
+        self._batch_norms: list[nn.modules.batchnorm._BatchNorm] = []
+        self._loaded: dict[str, Any] | None = None
+        self.steps = 0
+        self.active_ratio_sum = 0.0
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        """The method this callback runs, for the model's arms."""
+        raise NotImplementedError
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(self).__name__
+        if not isinstance(pl_module, SharpnessAwareMixin):
+            raise TypeError(
+                f"{name}: the LightningModule {type(pl_module).__name__} must inherit SharpnessAwareMixin, "
+                f"e.g. class {type(pl_module).__name__}(SharpnessAwareMixin, L.LightningModule)"
+            )
+        others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, SharpnessAware) and c is not self]  # type: ignore[attr-defined]
+        if others:
+            raise ValueError(
+                f"{name}: a Trainer takes one sharpness-aware callback, got {name} and {', '.join(others)}"
+            )
+        if type(pl_module).compute_loss is SharpnessAwareMixin.compute_loss:
+            raise NotImplementedError(
+                f"{type(pl_module).__name__}.compute_loss: implement compute_loss(self, batch) -> scalar loss"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.layout = build_arms(pl_module, self.arms)
+        self.method = self.build_method(self.layout)
+        self.method.setup(self.layout)
+        self._batch_norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self._loaded is not None:
+            self._apply_loaded()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps:
+            pl_module.log("train/active_ratio_epoch", self.active_ratio_sum / self.steps)
+
+    # --- used by the mixin's step ----------------------------------------------------------------------
+    @contextmanager
+    def second_pass_context(self) -> Iterator[None]:
+        """During pass 2: BatchNorm layers normalise with batch statistics but do not update running ones."""
+        frozen = []
+        if self.bn_running_stats == "pass1":
+            frozen = [m for m in self._batch_norms if m.training and m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in frozen:
+                m.track_running_stats = True
+
+    def record_step(
+        self,
+        module: pl.LightningModule,
+        loss: Tensor,
+        loss2: Tensor | None,
+        first: PassOne,
+        active1: Tensor,
+        active2: Tensor | None,
+    ) -> None:
+        """Log one finished step and update the running counters."""
+        assert self.layout is not None
+        ratio = self.layout.active_ratio(active1)
+        self.steps += 1
+        self.active_ratio_sum += ratio
+        module.log("train/loss", loss.detach(), prog_bar=True)
+        module.log("train/active_ratio", ratio)
+        module.log("train/passes", 1.0 if loss2 is None else 2.0)
+        if self.method is not None and self.method.measures_norms:
+            module.log("train/grad_norm", first.norm_over(active1))
+        if loss2 is not None and active2 is not None:
+            module.log("train/loss_perturbed", loss2.detach())
+            module.log("train/sharpness", (loss2 - loss).detach())
+            module.log("train/active_ratio_pass2", self.layout.active_ratio(active2))
+
+    @property
+    def mean_active_ratio(self) -> float:
+        """Mean active-parameter ratio (pass 1) over all steps so far; 0 before the first step."""
+        return self.active_ratio_sum / self.steps if self.steps else 0.0
+
+    def probabilities(self) -> Tensor | None:
+        """Current per-arm sampling probabilities (float64, CPU), or None for methods that do not sample."""
+        probs = None if self.method is None else self.method.probabilities()
+        return None if probs is None else probs.detach().cpu()
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.method is None or self.layout is None:
+            return dict(self._loaded) if self._loaded is not None else {}
+        return {
+            "method": self.method.name,
+            "arms": self.layout.fingerprint(),
+            "method_state": self.method.state_dict(),
+            "steps": self.steps,
+            "active_ratio_sum": self.active_ratio_sum,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+        if self.method is not None:
+            self._apply_loaded()
+
+    def _apply_loaded(self) -> None:
+        state, self._loaded = self._loaded, None
+        if not state:
+            return
+        assert self.method is not None and self.layout is not None
+        name = type(self).__name__
+        if state.get("method") != self.method.name:
+            raise ValueError(
+                f"{name}: the checkpoint was written by method {state.get('method')!r}, this run uses "
+                f"{self.method.name!r}; resume with the same method or load only the weights"
+            )
+        if state.get("arms") != self.layout.fingerprint():
+            saved = state.get("arms") or {}
+            raise ValueError(
+                f"{name}: the checkpoint's arms ({saved.get('mode')!r}, {len(saved.get('names', []))} arms) do not "
+                f"match this run's ({self.layout.mode!r}, {len(self.layout)} arms); use the same arms= and model"
+            )
+        self.method.load_state_dict(state["method_state"])
+        self.steps = int(state["steps"])
+        self.active_ratio_sum = float(state["active_ratio_sum"])
+
+
+class Plain(SharpnessAware):
+    """The base optimizer (one pass per step) with the same logging as the other methods: method ``base``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return PlainMethod()
+
+
+class SAM(SharpnessAware):
+    """Sharpness-aware minimization on every parameter (Foret et al. 2021): two passes per step.
+
+    Args:
+        rho: perturbation radius, in parameter-space L2 units (>= 0; default 0.05).
+        adaptive: ASAM's scale-invariant ascent ``rho T^2 g / ||T g||`` with ``T = |w| + eta`` on weights
+            and 1 on biases (Kwon et al. 2021); default False.
+        eta: ASAM's offset (>= 0; default 0.01), used when ``adaptive``.
+        bn_running_stats: see :class:`SharpnessAware`.
+    """
+
+    def __init__(
+        self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, bn_running_stats: str = "pass1"
+    ) -> None:
+        super().__init__("tensor", bn_running_stats)
+        self._method = SAMMethod(rho, adaptive, eta)  # validates the arguments now, before training
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return self._method
+
+
+class SLSAM(SharpnessAware):
+    """Sparse-Layer SAM (Cheng et al. 2026): each step a bandit picks the arms that take part in both passes.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05; the paper fine-tunes with 0.01).
+        sparsity: the expected fraction of arms active per step, in (0, 1] (default 0.2, the paper's).
+        bandit_lr: Exp3 step size eta (>= 0; default 1e-3, the authors').
+        arms: ``"tensor"`` (default, the paper's), ``"module"`` or ``"block"``.
+        seed: the sampler's seed; None draws it from the global torch RNG (``seed_everything`` fixes it).
+        sampler: ``"exp3"`` (default, the paper's bandit) or ``"uniform"`` (random arms, fixed p = sparsity).
+        norm_scale: ``"raw"`` (default, faithful) or ``"running_mean"`` (scale-free bandit, see
+            :class:`~lightning_slsam.samplers.Exp3Sampler`).
+        bn_running_stats: see :class:`SharpnessAware`.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        sparsity: float = 0.2,
+        bandit_lr: float = 1e-3,
+        arms: str = "tensor",
+        seed: int | None = None,
+        sampler: str = "exp3",
+        norm_scale: str = "raw",
+        bn_running_stats: str = "pass1",
+    ) -> None:
+        super().__init__(arms, bn_running_stats)
+        self.rho = check_rho(rho)
+        _check_sparsity(sparsity)
+        if not (isinstance(bandit_lr, (int, float)) and bandit_lr >= 0.0):
+            raise ValueError(f"bandit_lr: the bandit step size must be >= 0, got {bandit_lr!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if norm_scale not in ("raw", "running_mean"):
+            raise ValueError(f"norm_scale: expected 'raw' or 'running_mean', got {norm_scale!r}")
+        self.sparsity = float(sparsity)
+        self.bandit_lr = float(bandit_lr)
+        self.seed = seed
+        self.sampler = sampler
+        self.norm_scale = norm_scale
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        if self.sampler == "uniform":
+            sampler: Exp3Sampler | UniformSampler = UniformSampler(len(layout), self.sparsity, seed=self.seed)
+        else:
+            sampler = Exp3Sampler(
+                len(layout),
+                self.sparsity,
+                lr=self.bandit_lr,
+                seed=self.seed,
+                norm_scale=self.norm_scale,  # type: ignore[arg-type]
+            )
+        method = SLSAMMethod(self.rho, sampler)
+        if self.sampler == "uniform":
+            method.name = "slsam_uniform"
+        return method

@@ -1,0 +1,119 @@
+"""The small interface every method implements on the shared two-pass step (DESIGN.md sections 3-4).
+
+The step itself lives in :mod:`lightning_slsam.mixin`. Per step, a method decides:
+
+1. ``pass1_arms()``: which arms take part in pass 1 (at w);
+2. ``pass2_arms(first)``: after pass 1, which arms are perturbed and take part in pass 2 (at w + e), or
+   ``None`` for a one-pass step;
+3. ``perturbation(...)``: the ascent e on those arms;
+4. ``combine(...)``: the gradient that reaches the optimizer (default: g(w + e) on the pass-2 arms and
+   g(w) on pass-1 arms outside pass 2);
+5. ``after_step(first)``: what it learns from the step (SL-SAM's bandit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_slsam.arms import ArmLayout
+from lightning_slsam.perturbation import sam_perturbation
+
+
+def check_rho(rho: float) -> float:
+    """Validate the perturbation radius; errors name the argument."""
+    if not (isinstance(rho, (int, float)) and rho >= 0.0 and rho != float("inf")):
+        raise ValueError(f"rho: the perturbation radius must be a finite number >= 0, got {rho!r}")
+    return float(rho)
+
+
+@dataclass
+class PassOne:
+    """What pass 1 measured, handed to the method's decisions.
+
+    Attributes:
+        active: bool ``(N,)`` on the CPU, the arms that had ``requires_grad`` in pass 1.
+        params: the parameters of those arms that received a gradient, in layout order.
+        arm_of_param: int64, the arm index of each entry of ``params`` (on their device).
+        arm_norms: float32 ``(N,)`` on the parameters' device: ``||g_i||`` of each active arm, unscaled
+            (divided by the AMP loss scale), 0 for inactive arms.
+        grad_scale: the AMP loss scale the raw gradients carry (0-d tensor, 1 without a scaler).
+        finite: 0-d bool tensor, whether every pass-1 gradient norm is finite.
+    """
+
+    active: Tensor
+    params: list[nn.Parameter]
+    arm_of_param: Tensor
+    arm_norms: Tensor
+    grad_scale: Tensor
+    finite: Tensor
+
+    def norm_over(self, arms: Tensor) -> Tensor:
+        """``||g||`` over the given arms (bool ``(N,)``), unscaled, as a 0-d float32 tensor."""
+        mask = arms.to(self.arm_norms.device)
+        return torch.where(mask, self.arm_norms, 0.0).square().sum().sqrt()
+
+
+class Method:
+    """Base class of all methods; the defaults describe SAM on every arm.
+
+    Subclasses set ``name`` and override the decisions they change. ``setup`` is called once the model's
+    arms are known, before the first step.
+    """
+
+    name: ClassVar[str] = "sam"
+    #: whether ``combine`` needs the pass-1 gradients of the pass-2 arms (the step keeps a copy)
+    keeps_first_gradient: ClassVar[bool] = False
+    #: whether the step measures per-arm pass-1 gradient norms (False only for one-pass methods that never
+    #: look at them, so that ``base`` costs exactly a plain step)
+    measures_norms: ClassVar[bool] = True
+
+    def __init__(self, rho: float) -> None:
+        self.rho = check_rho(rho)
+        self.layout: ArmLayout | None = None
+        self.all_arms: Tensor = torch.ones(0, dtype=torch.bool)
+
+    def setup(self, layout: ArmLayout) -> None:
+        """Bind to the model's arms; called once before training."""
+        self.layout = layout
+        self.all_arms = torch.ones(len(layout), dtype=torch.bool)
+
+    # --- decisions of one step -------------------------------------------------------------------------
+    def pass1_arms(self) -> Tensor:
+        """The arms with gradients in pass 1 (bool ``(N,)`` on the CPU)."""
+        return self.all_arms
+
+    def pass2_arms(self, first: PassOne) -> Tensor | None:
+        """The arms perturbed and differentiated in pass 2, or None for a one-pass step."""
+        return first.active
+
+    def perturbation(self, params: Sequence[nn.Parameter], grads: Sequence[Tensor], grad_norm: Tensor) -> list[Tensor]:
+        """The ascent e for ``params`` given their raw pass-1 ``grads`` and ``grad_norm`` = ``||grads||``.
+
+        ``grads`` may carry the AMP loss scale; ``grad_norm`` carries the same scale, so ``g / ||g||`` is
+        exact. The step discards ``grads`` afterwards unless ``keeps_first_gradient``, so the default
+        scales them in place.
+        """
+        return sam_perturbation(grads, self.rho, grad_norm, in_place=not self.keeps_first_gradient)
+
+    def combine(self, params: Sequence[nn.Parameter], first_grads: Sequence[Tensor] | None) -> None:
+        """Turn ``p.grad`` (g at w + e for the pass-2 params) into the gradient the optimizer sees."""
+
+    def after_step(self, first: PassOne) -> None:
+        """Learn from the finished step (called after the optimizer step)."""
+
+    # --- reporting and checkpoints ---------------------------------------------------------------------
+    def probabilities(self) -> Tensor | None:
+        """Per-arm sampling probabilities, for methods that sample arms."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State needed to resume exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""

@@ -1,0 +1,215 @@
+"""``SharpnessAwareMixin``: the manual-optimization training step shared by every method (DESIGN.md 3).
+
+The user writes ``compute_loss(batch)`` and ``configure_optimizers`` (the plain base optimizer); the mixin
+owns ``training_step``. With a :class:`~lightning_slsam.callback.SharpnessAware` callback on the Trainer it
+runs that callback's method; without one it trains as the base optimizer, one pass per step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_slsam import perturbation
+from lightning_slsam.arms import ArmLayout
+from lightning_slsam.methods.interface import Method, PassOne
+
+if TYPE_CHECKING:
+    from lightning_slsam.callback import SharpnessAware
+
+
+class SharpnessAwareMixin:
+    """Mix into a ``LightningModule`` (before it) to train with the method of a ``SharpnessAware`` callback.
+
+    Write ``compute_loss(batch) -> Tensor`` (the scalar training loss) instead of ``training_step``, and
+    return the plain base optimizer from ``configure_optimizers``. The mixin turns Lightning's automatic
+    optimization off and calls ``optimizer.step()`` through Lightning, so ``global_step``, checkpoints,
+    precision plugins and optimizer hooks work as usual.
+
+    Example:
+        >>> class Net(SharpnessAwareMixin, L.LightningModule):  # doctest: +SKIP
+        ...     def compute_loss(self, batch):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.model(x), y)
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "training_step" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__}: a SharpnessAwareMixin module must not define training_step; the mixin owns "
+                "the sharpness-aware step. Put the loss in compute_loss(self, batch) instead."
+            )
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """Always False: the mixin performs the optimization itself."""
+        return False
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if value:
+            raise ValueError(
+                "automatic_optimization: SharpnessAwareMixin runs manual optimization; it cannot be set to True"
+            )
+
+    def compute_loss(self, batch: Any) -> Tensor:
+        """The scalar training loss of ``batch``. Called once per forward pass (twice per SAM step)."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.compute_loss: a SharpnessAwareMixin module must implement "
+            "compute_loss(self, batch) and return the scalar training loss"
+        )
+
+    # --- the step --------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One optimizer step of the active method (DESIGN.md section 3)."""
+        callback = self._sharpness_callback()
+        if callback is None:
+            return self._plain_step(batch)
+        method, layout = callback.method, callback.layout
+        assert layout is not None, "SharpnessAware callback was not set up (on_fit_start did not run)"
+        module: Any = self
+        optimizer = module.optimizers()
+        scaler = _grad_scaler(module)
+
+        active1 = method.pass1_arms()
+        _set_requires_grad(layout, active1)
+        try:
+            loss = self._forward_backward(batch)
+            first = _measure_pass_one(layout, active1, scaler if method.measures_norms else False)
+            active2 = method.pass2_arms(first)
+            loss2 = None
+            if active2 is not None:
+                loss2 = self._second_pass(batch, method, layout, first, active1, active2, callback)
+        finally:
+            _set_requires_grad(layout, None)
+
+        stepped = True
+        if active2 is not None:
+            stepped = _guard_non_finite(layout, first, scaler)
+        if stepped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(first)
+        callback.record_step(module, loss, loss2, first, active1, active2)
+        return loss.detach()
+
+    def _plain_step(self, batch: Any) -> Tensor:
+        module: Any = self
+        optimizer = module.optimizers()
+        loss = self._forward_backward(batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module.log("train/loss", loss.detach(), prog_bar=True)
+        return loss.detach()
+
+    def _forward_backward(self, batch: Any) -> Tensor:
+        loss = self.compute_loss(batch)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            raise TypeError(
+                f"{type(self).__name__}.compute_loss must return a scalar tensor, got "
+                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+            )
+        if loss.requires_grad:  # False when no active parameter took part in the forward pass
+            self.manual_backward(loss)  # type: ignore[attr-defined]
+        return loss
+
+    def _second_pass(
+        self,
+        batch: Any,
+        method: Method,
+        layout: ArmLayout,
+        first: PassOne,
+        active1: Tensor,
+        active2: Tensor,
+        callback: SharpnessAware,
+    ) -> Tensor:
+        """Ascend on ``active2``, differentiate at w + e, restore w bitwise, combine the gradients."""
+        on_both = active2 & active1
+        params = [p for p in layout.params_of(on_both) if p.grad is not None]
+        grads = [p.grad for p in params]
+        first_grads = [g.clone() for g in grads] if method.keeps_first_gradient else None
+        saved = perturbation.save(params)
+        with torch.no_grad():
+            raw_norm = first.norm_over(on_both) * first.grad_scale
+            ascent = method.perturbation(params, grads, raw_norm)
+            perturbation.apply(params, ascent)
+        del ascent, grads
+        for p in params:
+            p.grad = None
+        if not torch.equal(active2, active1):
+            _set_requires_grad(layout, active2)
+        with callback.second_pass_context():
+            loss2 = self._forward_backward(batch)
+        perturbation.restore(params, saved)
+        method.combine(params, first_grads)
+        return loss2
+
+    def _sharpness_callback(self) -> SharpnessAware | None:
+        from lightning_slsam.callback import find_sharpness_callback
+
+        trainer = getattr(self, "_trainer", None)
+        return None if trainer is None else find_sharpness_callback(trainer)
+
+
+# --- step helpers (module-private) -----------------------------------------------------------------------
+def _set_requires_grad(layout: ArmLayout, active: Tensor | None) -> None:
+    """``requires_grad`` on the parameters of the active arms only (all arms when ``active`` is None)."""
+    if active is None:
+        for p in layout.params:
+            p.requires_grad_(True)
+        return
+    for arm, on in zip(layout.arms, active.tolist(), strict=True):
+        for p in arm.params:
+            p.requires_grad_(on)
+
+
+def _grad_scaler(module: Any) -> torch.amp.GradScaler | None:
+    plugin = getattr(module.trainer, "precision_plugin", None)
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+
+
+def _measure_pass_one(layout: ArmLayout, active: Tensor, scaler: torch.amp.GradScaler | bool | None) -> PassOne:
+    """Per-arm L2 norms of the pass-1 gradients, unscaled; one foreach kernel, no host sync.
+
+    ``scaler=False`` skips the norms (methods that never look at them, such as ``base``): zeros, finite.
+    """
+    params: list[nn.Parameter] = []
+    arms: list[int] = []
+    for index, (arm, on) in enumerate(zip(layout.arms, active.tolist(), strict=True)):
+        if on:
+            for p in arm.params:
+                if p.grad is not None:
+                    params.append(p)
+                    arms.append(index)
+    device = params[0].device if params else layout.params[0].device
+    arm_of_param = torch.tensor(arms, dtype=torch.long).to(device, non_blocking=True)
+    if scaler is False:
+        zeros = torch.zeros(len(layout), device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        return PassOne(active, params, arm_of_param, zeros, zeros.new_ones(()), finite)
+    tensor_norms = perturbation.tensor_norms([p.grad for p in params]).to(device)
+    raw = perturbation.arm_norms(tensor_norms, arm_of_param, len(layout))
+    scale = scaler._scale if scaler is not None and scaler._scale is not None else None
+    grad_scale = scale.to(device=device, dtype=torch.float32) if scale is not None else raw.new_ones(())
+    norms = raw / grad_scale
+    return PassOne(active, params, arm_of_param, norms, grad_scale, torch.isfinite(norms).all())
+
+
+def _guard_non_finite(layout: ArmLayout, first: PassOne, scaler: torch.amp.GradScaler | None) -> bool:
+    """Whether to take the optimizer step after a two-pass step whose pass 1 may have overflowed.
+
+    With a GradScaler nothing waits on the host: a non-finite pass 1 turns one gradient into NaN, so the
+    scaler skips the step and backs off its scale as it would for plain training. Without a scaler the
+    step is skipped by reading the pass-1 flag (one small device-to-host read).
+    """
+    if scaler is not None:
+        grads = [p.grad for p in layout.params if p.grad is not None]
+        if grads:
+            poison = torch.where(first.finite, 1.0, float("nan")).to(grads[0].dtype)
+            grads[0].mul_(poison)
+        return True
+    return bool(first.finite)

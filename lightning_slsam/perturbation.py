@@ -1,0 +1,99 @@
+"""Ascent math on a set of parameters: norms, SAM and ASAM perturbations, save and restore.
+
+All functions work on lists of tensors with ``torch._foreach_*`` kernels (a handful of launches per step,
+whatever the number of tensors) and never move a value to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: added to a gradient norm before dividing by it (the SAM papers' value)
+NORM_EPS = 1e-12
+
+
+def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """The L2 norm of each tensor, as one float32 vector (computed in float32 for half inputs)."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+
+
+def arm_norms(norms: Tensor, arm_index: Tensor, num_arms: int) -> Tensor:
+    """Per-arm L2 norms from per-tensor norms: ``sqrt(sum of squares)`` over each arm's tensors.
+
+    Args:
+        norms: per-tensor norms (float32).
+        arm_index: the arm of each tensor (int64, same length, same device as ``norms``).
+        num_arms: N; arms with no tensor get 0.
+    """
+    squares = torch.zeros(num_arms, dtype=norms.dtype, device=norms.device)
+    return squares.index_add_(0, arm_index, norms.square()).sqrt_()
+
+
+def sam_perturbation(grads: Sequence[Tensor], rho: float, grad_norm: Tensor, in_place: bool) -> list[Tensor]:
+    """SAM's ascent ``e = rho * g / (||g|| + 1e-12)`` (Foret et al. 2021).
+
+    Args:
+        grads: the gradients of the perturbed parameters.
+        rho: radius (>= 0).
+        grad_norm: ``||g||`` over the perturbed set (0-d float32 tensor); a non-finite value gives e = 0.
+        in_place: scale ``grads`` themselves (saves memory when the caller no longer needs g).
+    """
+    scale = _finite_scale(rho, grad_norm)
+    if in_place:
+        torch._foreach_mul_(list(grads), scale)
+        return list(grads)
+    return list(torch._foreach_mul(list(grads), scale))
+
+
+def adaptive_perturbation(
+    params: Sequence[Tensor], grads: Sequence[Tensor], is_bias: Sequence[bool], rho: float, eta: float
+) -> list[Tensor]:
+    """ASAM's ascent ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta`` on weights, 1 on biases (Kwon 2021).
+
+    Args:
+        params: the perturbed parameters (their values at w).
+        grads: their gradients.
+        is_bias: True where a parameter is a bias (``T = 1`` there).
+        rho: radius (>= 0).
+        eta: the scale offset in ``T`` (>= 0).
+    """
+    scaled = []  # T g, then T^2 g
+    for p, g, bias in zip(params, grads, is_bias, strict=True):
+        scaled.append(g.clone() if bias else g * (p.detach().abs() + eta))
+    norm = tensor_norms(scaled).norm()
+    weights = [i for i, bias in enumerate(is_bias) if not bias]
+    if weights:
+        torch._foreach_mul_([scaled[i] for i in weights], [params[i].detach().abs().add_(eta) for i in weights])
+    if scaled:
+        torch._foreach_mul_(scaled, _finite_scale(rho, norm))
+    return scaled
+
+
+def _finite_scale(rho: float, grad_norm: Tensor) -> Tensor:
+    """``rho / (||g|| + eps)``, or 0 where the norm is not finite (no host synchronisation)."""
+    scale = rho / (grad_norm + NORM_EPS)
+    return torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
+
+
+def save(params: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``params``' values, for a bitwise restore."""
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def apply(params: Sequence[Tensor], perturbation: Sequence[Tensor]) -> None:
+    """``w <- w + e`` in place."""
+    if params:
+        torch._foreach_add_(list(params), list(perturbation))
+
+
+@torch.no_grad()
+def restore(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+    """``w <- saved``, bitwise (never ``w - e``, which drifts)."""
+    if params:
+        torch._foreach_copy_(list(params), list(saved))

@@ -1,0 +1,240 @@
+"""The sampler service: which arms are active at each step.
+
+Every sampler has the same small interface: ``probs`` (float64, one entry per arm), ``sample()`` (a
+bool mask on the sampler's device), ``update(active, grad_norms)`` and ``state_dict()`` /
+``load_state_dict()``. ``Exp3Sampler`` is SL-SAM's bandit, exactly as DESIGN.md section 5 transcribes
+the authors' code, but vectorised in torch: no Python loop over arms.
+
+The samplers live on the CPU by default: the active mask must reach the host anyway (it decides which
+parameters get ``requires_grad``), the arrays hold a few hundred floats, and the only transfer per step
+is the N pass-1 gradient norms.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+NormScale = Literal["raw", "running_mean"]
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 < sparsity <= 1.0:
+        raise ValueError(f"sparsity: must lie in (0, 1], got {sparsity!r}")
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator seeded with ``seed``, or from the global torch RNG (so ``seed_everything`` fixes it)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class ArmSampler(ABC):
+    """Interface of every sampler.
+
+    Args:
+        num_arms: number of arms N (>= 1).
+        device: where ``probs``, the generator and the returned masks live (default CPU).
+    """
+
+    def __init__(self, num_arms: int, device: torch.device | str = "cpu") -> None:
+        if int(num_arms) < 1:
+            raise ValueError(f"num_arms: need at least one arm, got {num_arms!r}")
+        self.num_arms = int(num_arms)
+        self.device = torch.device(device)
+        self.probs = torch.ones(self.num_arms, dtype=torch.float64, device=self.device)
+
+    @abstractmethod
+    def sample(self) -> torch.Tensor:
+        """The active arms of the next step: a non-empty bool tensor of shape ``(num_arms,)``."""
+
+    def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Learn from one step: ``grad_norms[i]`` is the pass-1 L2 gradient norm of arm i (unscaled).
+
+        Entries outside ``active`` are ignored. The default does nothing.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: probabilities and generator state."""
+        return {"probs": self.probs.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; the arm count must match."""
+        probs = state["probs"]
+        if probs.shape != self.probs.shape:
+            raise ValueError(f"sampler state: checkpoint has {probs.shape[0]} arms, this model has {self.num_arms}")
+        self.probs = probs.to(dtype=torch.float64, device=self.device).clone()
+
+
+class _BernoulliSampler(ArmSampler):
+    """Each arm independently active with probability ``probs[i]``; drawn again if nothing was picked."""
+
+    def __init__(self, num_arms: int, seed: int | None, device: torch.device | str) -> None:
+        super().__init__(num_arms, device)
+        self.generator = _make_generator(seed, self.device)
+
+    def sample(self) -> torch.Tensor:
+        if not bool((self.probs > 0).any()):
+            raise RuntimeError("sampler: every arm has probability 0, nothing can be sampled")
+        while True:
+            draw = torch.rand(self.num_arms, generator=self.generator, dtype=torch.float64, device=self.device)
+            active = draw < self.probs
+            if bool(active.any()):
+                return active
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
+
+
+class UniformSampler(_BernoulliSampler):
+    """Random arms with a fixed probability ``sparsity`` each (the "random layers" baseline).
+
+    Args:
+        num_arms: number of arms.
+        sparsity: probability of each arm, in (0, 1]; the expected fraction of active arms.
+        seed: generator seed; None draws one from the global torch RNG.
+        device: where the state lives (default CPU).
+    """
+
+    def __init__(
+        self, num_arms: int, sparsity: float, seed: int | None = None, device: torch.device | str = "cpu"
+    ) -> None:
+        _check_sparsity(sparsity)
+        super().__init__(num_arms, seed, device)
+        self.sparsity = float(sparsity)
+        self.probs.fill_(self.sparsity)
+
+
+class FixedSampler(ArmSampler):
+    """Always the same arms.
+
+    Args:
+        num_arms: number of arms.
+        active: the arm indices, or a bool mask of length ``num_arms``; must pick at least one arm.
+        device: where the state lives (default CPU).
+    """
+
+    def __init__(self, num_arms: int, active: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> None:
+        super().__init__(num_arms, device)
+        mask = torch.as_tensor(active, device=self.device)
+        if mask.dtype != torch.bool:
+            indices = mask.long()
+            if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_arms):
+                raise ValueError(f"active: arm indices must lie in [0, {self.num_arms}), got {active!r}")
+            mask = torch.zeros(self.num_arms, dtype=torch.bool, device=self.device)
+            mask[indices] = True
+        elif mask.shape != (self.num_arms,):
+            raise ValueError(f"active: a mask needs {self.num_arms} entries, got shape {tuple(mask.shape)}")
+        if not bool(mask.any()):
+            raise ValueError("active: pick at least one arm")
+        self.active = mask
+        self.probs = mask.to(torch.float64)
+
+    def sample(self) -> torch.Tensor:
+        return self.active.clone()
+
+
+def project_capped_simplex(weights: torch.Tensor, budget: float) -> torch.Tensor:
+    """Scale ``weights`` (>= 0) to sum to ``budget`` with no entry above 1, capping the largest at 1.
+
+    Walks the weights in descending order: while ``w_(j) * K' > sum_{k>=j} w_(k)`` the j-th largest is
+    set to 1 and ``K'`` drops by one; the rest become ``K' * w_(k) / sum_{k>=j} w_(k)``. Vectorised: at
+    the j-th position ``K' = budget - j`` whenever all earlier ones were capped, so the capped set is the
+    leading run of positions where the condition holds.
+    """
+    ordered, order = torch.sort(weights, descending=True)
+    suffix = ordered.flip(0).cumsum(0).flip(0)  # suffix[j] = sum_{k>=j} ordered[k]
+    positions = torch.arange(weights.numel(), device=weights.device, dtype=weights.dtype)
+    capped = (ordered * (budget - positions) > suffix).cumprod(0).bool()
+    num_capped = capped.sum()
+    rest_sum = torch.cat([suffix, suffix.new_ones(1)])[num_capped]
+    projected = torch.where(capped, torch.ones_like(ordered), (budget - num_capped) * ordered / rest_sum)
+    return torch.empty_like(projected).scatter_(0, order, projected)
+
+
+class Exp3Sampler(_BernoulliSampler):
+    """SL-SAM's bandit (Exp3 with a capped-simplex projection), DESIGN.md section 5.
+
+    Args:
+        num_arms: number of arms N.
+        sparsity: s in (0, 1], the expected fraction of active arms; start ``p_i = s``, budget ``K = s N``.
+        lr: the bandit step size eta (default 1e-3, the authors' value).
+        min_prob: probabilities are clipped to ``[min_prob, 1]`` after each update (default 1e-8).
+        seed: generator seed; None draws one from the global torch RNG.
+        norm_scale: ``"raw"`` (default, faithful) feeds the norms as given; ``"running_mean"`` divides
+            them by a running mean of the active norms first, which makes the rule scale-free (the raw
+            rule freezes into a fixed subset when norms are large, DESIGN.md section 5).
+        norm_momentum: the running mean's momentum for ``"running_mean"`` (default 0.99).
+        device: where the state lives (default CPU).
+    """
+
+    def __init__(
+        self,
+        num_arms: int,
+        sparsity: float,
+        lr: float = 1e-3,
+        min_prob: float = 1e-8,
+        seed: int | None = None,
+        norm_scale: NormScale = "raw",
+        norm_momentum: float = 0.99,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        _check_sparsity(sparsity)
+        if not lr >= 0.0:
+            raise ValueError(f"lr: the bandit step size must be >= 0, got {lr!r}")
+        if not 0.0 < min_prob <= sparsity:
+            raise ValueError(f"min_prob: must lie in (0, sparsity], got {min_prob!r}")
+        if norm_scale not in ("raw", "running_mean"):
+            raise ValueError(f"norm_scale: expected 'raw' or 'running_mean', got {norm_scale!r}")
+        if not 0.0 <= norm_momentum < 1.0:
+            raise ValueError(f"norm_momentum: must lie in [0, 1), got {norm_momentum!r}")
+        super().__init__(num_arms, seed, device)
+        self.sparsity = float(sparsity)
+        self.lr = float(lr)
+        self.min_prob = float(min_prob)
+        self.norm_scale = norm_scale
+        self.norm_momentum = float(norm_momentum)
+        self.budget = self.sparsity * self.num_arms
+        self.probs.fill_(self.sparsity)
+        self.norm_mean = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:
+        active = active.to(self.device)
+        norms = grad_norms.to(device=self.device, dtype=torch.float64)
+        finite = torch.isfinite(torch.where(active, norms, 0.0)).all()
+        norms = torch.where(active & finite, norms, 0.0)
+        if self.norm_scale == "running_mean":
+            norms = self._rescale(active, norms, finite)
+        p = self.probs
+        ratio = norms / p
+        # ratios are >= 0 and inactive ones are 0, so the max over all arms is the max over the active ones
+        loss = torch.where(active, ratio.max().square() - ratio.square(), 0.0)
+        weights = torch.where(active, p * torch.exp(-self.lr * loss / p), p)
+        new = project_capped_simplex(weights, self.budget).clamp_(self.min_prob, 1.0)
+        self.probs = torch.where(finite, new, p)  # a non-finite step (fp16 overflow) teaches nothing
+
+    def _rescale(self, active: torch.Tensor, norms: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        step_mean = norms.sum() / active.sum().clamp(min=1)
+        first = self.norm_mean == 0
+        updated = torch.where(
+            first, step_mean, self.norm_momentum * self.norm_mean + (1 - self.norm_momentum) * step_mean
+        )
+        self.norm_mean = torch.where(finite, updated, self.norm_mean)
+        return norms / self.norm_mean.clamp(min=torch.finfo(torch.float64).tiny)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "norm_mean": self.norm_mean.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.norm_mean = state["norm_mean"].to(dtype=torch.float64, device=self.device).clone()
