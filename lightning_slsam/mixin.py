@@ -139,11 +139,13 @@ class SharpnessAwareMixin:
         del ascent, grads
         for p in params:
             p.grad = None
-        if not torch.equal(active2, active1):
-            _set_requires_grad(layout, active2)
-        with callback.second_pass_context():
-            loss2 = self._forward_backward(batch)
-        perturbation.restore(params, saved)
+        try:
+            if not torch.equal(active2, active1):
+                _set_requires_grad(layout, active2)
+            with callback.second_pass_context():
+                loss2 = self._forward_backward(batch)
+        finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in compute_loss)
+            perturbation.restore(params, saved)
         method.combine(params, first_grads)
         return loss2
 
