@@ -7,9 +7,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
 
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
+from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
+from lightning_slsam.lr_schedules import step_schedulers
 from lightning_slsam.methods.interface import Method, PassOne, check_rho
 from lightning_slsam.methods.plain import PlainMethod
 from lightning_slsam.methods.sam import SAMMethod
@@ -44,21 +47,48 @@ class SharpnessAware(pl.Callback):
     At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began.
     """
 
-    def __init__(self, arms: str = "tensor", bn_running_stats: str = "pass1") -> None:
+    def __init__(
+        self,
+        arms: str = "tensor",
+        bn_running_stats: str = "pass1",
+        accumulate: int = 1,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        check_ranks: bool = False,
+        history_every: int = 1,
+    ) -> None:
         if arms not in ARM_MODES:
             raise ValueError(f"arms: unknown arms mode {arms!r}; expected one of {', '.join(ARM_MODES)}")
         if bn_running_stats not in BN_RUNNING_STATS:
             raise ValueError(
                 f"bn_running_stats: expected one of {', '.join(BN_RUNNING_STATS)}, got {bn_running_stats!r}"
             )
+        if not (isinstance(accumulate, int) and accumulate >= 1):
+            raise ValueError(
+                f"accumulate: the number of micro-batches per step must be an int >= 1, got {accumulate!r}"
+            )
+        for key, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{key}: must be a number > 0 or None, got {value!r}")
+        if not (isinstance(history_every, int) and history_every >= 0):
+            raise ValueError(f"history_every: must be an int >= 0 (0 keeps no history), got {history_every!r}")
         self.arms = arms
         self.bn_running_stats = bn_running_stats
+        self.accumulate = accumulate
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.check_ranks = check_ranks
+        self.history_every = history_every
         self.method: Method | None = None
         self.layout: ArmLayout | None = None
         self._batch_norms: list[nn.modules.batchnorm._BatchNorm] = []
         self._loaded: dict[str, Any] | None = None
+        self._micro_batches: list[Any] = []
         self.steps = 0
         self.active_ratio_sum = 0.0
+        #: how often each arm was active in pass 1 (int64, one per arm)
+        self.selection_counts = torch.zeros(0, dtype=torch.long)
+        self._history: list[Tensor] = []
 
     def build_method(self, layout: ArmLayout) -> Method:
         """The method this callback runs, for the model's arms."""
@@ -81,20 +111,59 @@ class SharpnessAware(pl.Callback):
             raise NotImplementedError(
                 f"{type(pl_module).__name__}.compute_loss: implement compute_loss(self, batch) -> scalar loss"
             )
+        check_strategy(trainer.strategy, name)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: configure_optimizers must return exactly one optimizer (the base "
+                f"optimizer), got {len(trainer.optimizers)}"
+            )
         self.layout = build_arms(pl_module, self.arms)
         self.method = self.build_method(self.layout)
         self.method.setup(self.layout)
         self._batch_norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._micro_batches = []
+        self.selection_counts = torch.zeros(len(self.layout), dtype=torch.long)
+        self._history = []
         if self._loaded is not None:
             self._apply_loaded()
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        # DDP: the step averages the active gradients itself (distributed.py); buffers still sync from rank 0
+        disable_ddp_sync(trainer.strategy.model)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning calls this after the precision plugin unscaled the gradients (not before, issue 18089)
+        if self.clip_grad_norm is None and self.clip_grad_value is None:
+            return
+        grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(grads, self.clip_grad_value)
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step_schedulers(trainer, "epoch", epoch_end=True)
         if self.steps:
             pl_module.log("train/active_ratio_epoch", self.active_ratio_sum / self.steps)
 
     # --- used by the mixin's step ----------------------------------------------------------------------
+    def collect(self, batch: Any, last: bool) -> list[Any] | None:
+        """Add a micro-batch; the group once ``accumulate`` are in (or the epoch's last batch came), else None."""
+        self._micro_batches.append(batch)
+        if len(self._micro_batches) < self.accumulate and not last:
+            return None
+        group, self._micro_batches = self._micro_batches, []
+        return group
+
+    def check_arms(self, active: Tensor) -> None:
+        """With ``check_ranks``, verify that every rank sampled the same arms (one tiny all-reduce)."""
+        if self.check_ranks:
+            assert_same_arms(active)
+
     @contextmanager
     def second_pass_context(self) -> Iterator[None]:
         """During pass 2: BatchNorm layers normalise with batch statistics but do not update running ones."""
@@ -123,6 +192,11 @@ class SharpnessAware(pl.Callback):
         ratio = self.layout.active_ratio(active1)
         self.steps += 1
         self.active_ratio_sum += ratio
+        self.selection_counts += active1.to(torch.long)
+        if self.history_every and (self.steps - 1) % self.history_every == 0:
+            probs = self.probabilities()
+            if probs is not None:
+                self._history.append(probs.to(torch.float32))
         module.log("train/loss", loss.detach(), prog_bar=True)
         module.log("train/active_ratio", ratio)
         module.log("train/passes", 1.0 if loss2 is None else 2.0)
@@ -143,6 +217,10 @@ class SharpnessAware(pl.Callback):
         probs = None if self.method is None else self.method.probabilities()
         return None if probs is None else probs.detach().cpu()
 
+    def probability_history(self) -> Tensor | None:
+        """Per-arm probabilities recorded every ``history_every`` steps: float32 ``(records, N)``, or None."""
+        return torch.stack(self._history) if self._history else None
+
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.method is None or self.layout is None:
@@ -153,6 +231,8 @@ class SharpnessAware(pl.Callback):
             "method_state": self.method.state_dict(),
             "steps": self.steps,
             "active_ratio_sum": self.active_ratio_sum,
+            "selection_counts": self.selection_counts.clone(),
+            "history": list(self._history),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -180,13 +260,15 @@ class SharpnessAware(pl.Callback):
         self.method.load_state_dict(state["method_state"])
         self.steps = int(state["steps"])
         self.active_ratio_sum = float(state["active_ratio_sum"])
+        self.selection_counts = state["selection_counts"].clone()
+        self._history = list(state["history"])
 
 
 class Plain(SharpnessAware):
     """The base optimizer (one pass per step) with the same logging as the other methods: method ``base``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
 
     def build_method(self, layout: ArmLayout) -> Method:
         return PlainMethod()
@@ -203,10 +285,8 @@ class SAM(SharpnessAware):
         bn_running_stats: see :class:`SharpnessAware`.
     """
 
-    def __init__(
-        self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, bn_running_stats: str = "pass1"
-    ) -> None:
-        super().__init__("tensor", bn_running_stats)
+    def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **options: Any) -> None:
+        super().__init__(**options)
         self._method = SAMMethod(rho, adaptive, eta)  # validates the arguments now, before training
 
     def build_method(self, layout: ArmLayout) -> Method:
@@ -225,7 +305,7 @@ class SLSAM(SharpnessAware):
         sampler: ``"exp3"`` (default, the paper's bandit) or ``"uniform"`` (random arms, fixed p = sparsity).
         norm_scale: ``"raw"`` (default, faithful) or ``"running_mean"`` (scale-free bandit, see
             :class:`~lightning_slsam.samplers.Exp3Sampler`).
-        bn_running_stats: see :class:`SharpnessAware`.
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
     """
 
     def __init__(
@@ -237,9 +317,9 @@ class SLSAM(SharpnessAware):
         seed: int | None = None,
         sampler: str = "exp3",
         norm_scale: str = "raw",
-        bn_running_stats: str = "pass1",
+        **options: Any,
     ) -> None:
-        super().__init__(arms, bn_running_stats)
+        super().__init__(arms=arms, **options)
         self.rho = check_rho(rho)
         _check_sparsity(sparsity)
         if not (isinstance(bandit_lr, (int, float)) and bandit_lr >= 0.0):
@@ -255,14 +335,15 @@ class SLSAM(SharpnessAware):
         self.norm_scale = norm_scale
 
     def build_method(self, layout: ArmLayout) -> Method:
+        seed = broadcast_seed(self.seed)  # every rank samples the same arms
         if self.sampler == "uniform":
-            sampler: Exp3Sampler | UniformSampler = UniformSampler(len(layout), self.sparsity, seed=self.seed)
+            sampler: Exp3Sampler | UniformSampler = UniformSampler(len(layout), self.sparsity, seed=seed)
         else:
             sampler = Exp3Sampler(
                 len(layout),
                 self.sparsity,
                 lr=self.bandit_lr,
-                seed=self.seed,
+                seed=seed,
                 norm_scale=self.norm_scale,  # type: ignore[arg-type]
             )
         method = SLSAMMethod(self.rho, sampler)

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from lightning_slsam import perturbation
 from lightning_slsam.arms import ArmLayout
+from lightning_slsam.distributed import all_reduce_mean
+from lightning_slsam.lr_schedules import step_schedulers
 from lightning_slsam.methods.interface import Method, PassOne
 
 if TYPE_CHECKING:
@@ -45,7 +47,14 @@ class SharpnessAwareMixin:
 
     @property
     def automatic_optimization(self) -> bool:
-        """Always False: the mixin performs the optimization itself."""
+        """Always False: the mixin performs the optimization itself.
+
+        Lightning reads this before any callback hook runs, so this is where Trainer flags that manual
+        optimization ignores are refused, with the callback argument to use instead.
+        """
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            _refuse_automatic_only_flags(trainer)
         return False
 
     @automatic_optimization.setter
@@ -63,62 +72,75 @@ class SharpnessAwareMixin:
         )
 
     # --- the step --------------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One optimizer step of the active method (DESIGN.md section 3)."""
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """One micro-batch; every ``accumulate``-th call runs the method's step (DESIGN.md section 3)."""
+        module: Any = self
+        step_schedulers(module.trainer, "epoch")
         callback = self._sharpness_callback()
         if callback is None:
             return self._plain_step(batch)
+        group = callback.collect(batch, last=bool(module.trainer.is_last_batch))
+        if group is None:  # accumulating: the step runs when the group of micro-batches is complete
+            return None
         method, layout = callback.method, callback.layout
-        assert layout is not None, "SharpnessAware callback was not set up (on_fit_start did not run)"
-        module: Any = self
+        assert method is not None and layout is not None, "the SharpnessAware callback was not set up"
         optimizer = module.optimizers()
         scaler = _grad_scaler(module)
 
         active1 = method.pass1_arms()
+        callback.check_arms(active1)
         _set_requires_grad(layout, active1)
         try:
-            loss = self._forward_backward(batch)
+            loss = self._forward_backward(group)
             first = _measure_pass_one(layout, active1, scaler if method.measures_norms else False)
             active2 = method.pass2_arms(first)
             loss2 = None
             if active2 is not None:
-                loss2 = self._second_pass(batch, method, layout, first, active1, active2, callback)
+                loss2 = self._second_pass(group, method, layout, first, active1, active2, callback)
         finally:
             _set_requires_grad(layout, None)
 
+        all_reduce_mean([p.grad for p in layout.params if p.grad is not None])
         stepped = True
         if active2 is not None:
             stepped = _guard_non_finite(layout, first, scaler)
         if stepped:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_schedulers(module.trainer, "step")
         method.after_step(first)
         callback.record_step(module, loss, loss2, first, active1, active2)
-        return loss.detach()
+        return loss
 
     def _plain_step(self, batch: Any) -> Tensor:
         module: Any = self
         optimizer = module.optimizers()
-        loss = self._forward_backward(batch)
+        loss = self._forward_backward([batch])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        module.log("train/loss", loss.detach(), prog_bar=True)
-        return loss.detach()
-
-    def _forward_backward(self, batch: Any) -> Tensor:
-        loss = self.compute_loss(batch)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            raise TypeError(
-                f"{type(self).__name__}.compute_loss must return a scalar tensor, got "
-                f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-            )
-        if loss.requires_grad:  # False when no active parameter took part in the forward pass
-            self.manual_backward(loss)  # type: ignore[attr-defined]
+        step_schedulers(module.trainer, "step")
+        module.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _forward_backward(self, group: list[Any]) -> Tensor:
+        """Forward and backward over the micro-batches of one step; the mean loss (detached)."""
+        total = None
+        for batch in group:
+            loss = self.compute_loss(batch)
+            if not isinstance(loss, Tensor) or loss.ndim != 0:
+                raise TypeError(
+                    f"{type(self).__name__}.compute_loss must return a scalar tensor, got "
+                    f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+                )
+            if loss.requires_grad:  # False when no active parameter took part in the forward pass
+                self.manual_backward(loss / len(group) if len(group) > 1 else loss)  # type: ignore[attr-defined]
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
+        return total / len(group) if len(group) > 1 else total
 
     def _second_pass(
         self,
-        batch: Any,
+        group: list[Any],
         method: Method,
         layout: ArmLayout,
         first: PassOne,
@@ -133,7 +155,7 @@ class SharpnessAwareMixin:
         first_grads = [g.clone() for g in grads] if method.keeps_first_gradient else None
         saved = perturbation.save(params)
         with torch.no_grad():
-            raw_norm = first.norm_over(on_both) * first.grad_scale
+            raw_norm = first.norm_over(on_both, local=True) * first.grad_scale
             ascent = method.perturbation(params, grads, raw_norm)
             perturbation.apply(params, ascent)
         del ascent, grads
@@ -143,7 +165,7 @@ class SharpnessAwareMixin:
             if not torch.equal(active2, active1):
                 _set_requires_grad(layout, active2)
             with callback.second_pass_context():
-                loss2 = self._forward_backward(batch)
+                loss2 = self._forward_backward(group)
         finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in compute_loss)
             perturbation.restore(params, saved)
         method.combine(params, first_grads)
@@ -154,6 +176,24 @@ class SharpnessAwareMixin:
 
         trainer = getattr(self, "_trainer", None)
         return None if trainer is None else find_sharpness_callback(trainer)
+
+
+def _refuse_automatic_only_flags(trainer: Any) -> None:
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        key = "clip_grad_value" if algorithm == "value" else "clip_grad_norm"
+        raise ValueError(
+            f"Trainer(gradient_clip_val={clip}) does not apply to a SharpnessAwareMixin module (manual "
+            f"optimization); pass {key}={clip} to the sharpness-aware callback instead, e.g. SLSAM(..., {key}={clip})"
+        )
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={accumulate}) does not apply to a SharpnessAwareMixin module (manual "
+            f"optimization); pass accumulate={accumulate} to the sharpness-aware callback instead, "
+            f"e.g. SLSAM(..., accumulate={accumulate})"
+        )
 
 
 # --- step helpers (module-private) -----------------------------------------------------------------------
@@ -192,13 +232,15 @@ def _measure_pass_one(layout: ArmLayout, active: Tensor, scaler: torch.amp.GradS
     if scaler is False:
         zeros = torch.zeros(len(layout), device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
-        return PassOne(active, params, arm_of_param, zeros, zeros.new_ones(()), finite)
+        return PassOne(active, params, arm_of_param, zeros, zeros.new_ones(()), finite, zeros)
     tensor_norms = perturbation.tensor_norms([p.grad for p in params]).to(device)
     raw = perturbation.arm_norms(tensor_norms, arm_of_param, len(layout))
     scale = scaler._scale if scaler is not None and scaler._scale is not None else None
     grad_scale = scale.to(device=device, dtype=torch.float32) if scale is not None else raw.new_ones(())
-    norms = raw / grad_scale
-    return PassOne(active, params, arm_of_param, norms, grad_scale, torch.isfinite(norms).all())
+    local = raw / grad_scale
+    shared = local.clone()
+    all_reduce_mean([shared])  # rank-mean (N floats): every rank decides and learns from the same norms
+    return PassOne(active, params, arm_of_param, shared, grad_scale, torch.isfinite(shared).all(), local)
 
 
 def _guard_non_finite(layout: ArmLayout, first: PassOne, scaler: torch.amp.GradScaler | None) -> bool:

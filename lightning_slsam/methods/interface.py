@@ -40,9 +40,11 @@ class PassOne:
         params: the parameters of those arms that received a gradient, in layout order.
         arm_of_param: int64, the arm index of each entry of ``params`` (on their device).
         arm_norms: float32 ``(N,)`` on the parameters' device: ``||g_i||`` of each active arm, unscaled
-            (divided by the AMP loss scale), 0 for inactive arms.
+            (divided by the AMP loss scale), 0 for inactive arms; under DDP the mean over ranks, so every
+            rank's decisions and sampler updates agree.
         grad_scale: the AMP loss scale the raw gradients carry (0-d tensor, 1 without a scaler).
-        finite: 0-d bool tensor, whether every pass-1 gradient norm is finite.
+        finite: 0-d bool tensor, whether every entry of ``arm_norms`` is finite (on every rank).
+        local_arm_norms: like ``arm_norms`` but of this rank's own gradients (the ascent's norm).
     """
 
     active: Tensor
@@ -51,11 +53,15 @@ class PassOne:
     arm_norms: Tensor
     grad_scale: Tensor
     finite: Tensor
+    local_arm_norms: Tensor
 
-    def norm_over(self, arms: Tensor) -> Tensor:
-        """``||g||`` over the given arms (bool ``(N,)``), unscaled, as a 0-d float32 tensor."""
-        mask = arms.to(self.arm_norms.device)
-        return torch.where(mask, self.arm_norms, 0.0).square().sum().sqrt()
+    def norm_over(self, arms: Tensor, local: bool = False) -> Tensor:
+        """``||g||`` over the given arms (bool ``(N,)``), unscaled, as a 0-d float32 tensor.
+
+        ``local=True`` uses this rank's own norms instead of the rank mean.
+        """
+        norms = self.local_arm_norms if local else self.arm_norms
+        return torch.where(arms.to(norms.device), norms, 0.0).square().sum().sqrt()
 
 
 class Method:

@@ -1,0 +1,99 @@
+"""Small shared fixtures: a tiny classification dataset, a tiny mixin module and a quiet CPU Trainer factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_slsam import SharpnessAwareMixin
+
+IN_FEATURES = 8
+NUM_CLASSES = 3
+BATCH_SIZE = 16
+
+
+def make_dataset(n: int = 96, seed: int = 0) -> TensorDataset:
+    """``n`` points in R^8 with labels from a fixed random linear teacher (learnable, deterministic)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN_FEATURES, generator=generator)
+    teacher = torch.randn(IN_FEATURES, NUM_CLASSES, generator=generator)
+    return TensorDataset(x, (x @ teacher).argmax(dim=1))
+
+
+class TinyNet(SharpnessAwareMixin, L.LightningModule):
+    """``Linear -> [BatchNorm1d] -> Tanh -> Linear -> Tanh -> Linear`` in ``self.model``.
+
+    ``compute_loss`` is ``F.cross_entropy(self.model(x), y)``; ``configure_optimizers`` is
+    ``torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)``. Parameter names are
+    ``model.<index>.weight`` / ``model.<index>.bias`` (indices 0, 2, 4 without BatchNorm; with it 0 (weight
+    only: no bias before BatchNorm), 1, 3, 5).
+    The weights are drawn from their own seeded RNG, leaving the global one alone.
+    """
+
+    def __init__(
+        self, hidden: int = 16, batch_norm: bool = False, lr: float = 1e-2, weight_decay: float = 0.1, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # no bias before BatchNorm: its gradient is ~0 (rounding noise) and AdamW's update of it is noise-driven
+            layers: list[nn.Module] = [nn.Linear(IN_FEATURES, hidden, bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers += [nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, NUM_CLASSES)]
+            self.model = nn.Sequential(*layers)
+
+    def compute_loss(self, batch: Any) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@pytest.fixture
+def tiny_dataset() -> TensorDataset:
+    """96 labelled points: six batches of 16."""
+    return make_dataset()
+
+
+@pytest.fixture
+def tiny_loader(tiny_dataset: TensorDataset) -> DataLoader:
+    """Batches of 16 in a fixed order (no shuffle), so a reference loop sees the Trainer's batches."""
+    return DataLoader(tiny_dataset, batch_size=BATCH_SIZE, shuffle=False)
+
+
+@pytest.fixture
+def make_module() -> Callable[..., TinyNet]:
+    """Factory of :class:`TinyNet` (keyword arguments as its constructor)."""
+    return TinyNet
+
+
+@pytest.fixture
+def make_trainer() -> Callable[..., L.Trainer]:
+    """Factory of a quiet, deterministic CPU Trainer: ``make_trainer(callbacks=(...), max_steps=3, **overrides)``."""
+
+    def factory(callbacks: Sequence[L.Callback] = (), max_steps: int = 3, **overrides: Any) -> L.Trainer:
+        options: dict[str, Any] = {
+            "max_steps": max_steps,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "deterministic": True,
+        }
+        options.update(overrides)
+        return L.Trainer(callbacks=list(callbacks), **options)
+
+    return factory
