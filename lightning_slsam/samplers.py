@@ -150,7 +150,8 @@ def project_capped_simplex(weights: torch.Tensor, budget: float) -> torch.Tensor
     Walks the weights in descending order: while ``w_(j) * K' > sum_{k>=j} w_(k)`` the j-th largest is
     set to 1 and ``K'`` drops by one; the rest become ``K' * w_(k) / sum_{k>=j} w_(k)``. Vectorised: at
     the j-th position ``K' = budget - j`` whenever all earlier ones were capped, so the capped set is the
-    leading run of positions where the condition holds.
+    leading run of positions where the condition holds. If every uncapped weight is 0 (underflow), the
+    budget left is split evenly among them instead of dividing 0 by 0.
     """
     ordered, order = torch.sort(weights, descending=True)
     suffix = ordered.flip(0).cumsum(0).flip(0)  # suffix[j] = sum_{k>=j} ordered[k]
@@ -158,7 +159,11 @@ def project_capped_simplex(weights: torch.Tensor, budget: float) -> torch.Tensor
     capped = (ordered * (budget - positions) > suffix).cumprod(0).bool()
     num_capped = capped.sum()
     rest_sum = torch.cat([suffix, suffix.new_ones(1)])[num_capped]
-    projected = torch.where(capped, torch.ones_like(ordered), (budget - num_capped) * ordered / rest_sum)
+    left = budget - num_capped.to(weights.dtype)  # float64 like the weights, not int64 -> float32
+    # When every uncapped weight underflowed to 0 the reference divides 0 by 0; split what is left evenly.
+    even = left / (weights.numel() - num_capped).clamp(min=1).to(weights.dtype)
+    rest = torch.where(rest_sum > 0, left * ordered / rest_sum, even)  # (the 0/0 branch is discarded)
+    projected = torch.where(capped, torch.ones_like(ordered), rest)
     return torch.empty_like(projected).scatter_(0, order, projected)
 
 

@@ -1,6 +1,9 @@
 """Train a tiny model with a sharpness-aware callback on 2 CPU processes (gloo); each rank dumps its state.
 
-    python ddp_train.py OUT_DIR STRATEGY METHOD STEPS
+    python ddp_train.py OUT_DIR STRATEGY METHOD STEPS SHUFFLE BATCH_SIZE
+
+STRATEGY is ddp or ddp_spawn (2 processes) or single (1 process, for reference runs); METHOD slsam, sam or
+plain; SHUFFLE 0 or 1.
 
 Run by tests/test_distributed.py. Every rank seeds its global RNG differently, so the sampler seeds agree
 only because the callback broadcasts rank 0's; the callback checks every step that all ranks picked the
@@ -17,9 +20,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_slsam import SAM, SLSAM, SharpnessAwareMixin
+from lightning_slsam import SAM, SLSAM, Plain, SharpnessAwareMixin
 
 
 class Net(SharpnessAwareMixin, pl.LightningModule):
@@ -54,16 +57,27 @@ class Dump(pl.Callback):
 
 def main() -> None:
     out, strategy, method, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    shuffle, batch_size = sys.argv[5] == "1", int(sys.argv[6])
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(512, 6), torch.randint(0, 3, (512,)))
     model = Net()
     torch.manual_seed(100 + int(os.environ.get("LOCAL_RANK", "0")))  # ranks disagree from here on
-    callback = SLSAM(rho=0.05, sparsity=0.4, check_ranks=True) if method == "slsam" else SAM(rho=0.05, check_ranks=True)
+    callback = {
+        "slsam": lambda: SLSAM(rho=0.05, sparsity=0.4, check_ranks=True),
+        "sam": lambda: SAM(rho=0.05, check_ranks=True),
+        "plain": lambda: Plain(check_ranks=True),
+    }[method]()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+    own_sampler = strategy == "ddp" and not shuffle  # Lightning's DistributedSampler always shuffles training data
+    if own_sampler:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        loader = DataLoader(data, batch_size=batch_size, sampler=DistributedSampler(data, 2, rank, shuffle=False))
     trainer = pl.Trainer(
+        use_distributed_sampler=not own_sampler,
         accelerator="cpu",
-        devices=2,
-        strategy=strategy,
+        devices=1 if strategy == "single" else 2,
+        strategy="auto" if strategy == "single" else strategy,
         max_steps=steps,
         callbacks=[callback, Dump(out, callback)],
         logger=False,
@@ -71,7 +85,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, DataLoader(data, batch_size=16, shuffle=True))
+    trainer.fit(model, loader)
 
 
 if __name__ == "__main__":
