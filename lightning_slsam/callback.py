@@ -145,6 +145,10 @@ class SharpnessAware(pl.Callback):
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.method is not None
+        self.method.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_schedulers(trainer, "epoch", epoch_end=True)
         if self.steps:

@@ -97,6 +97,8 @@ class SharpnessAwareMixin:
             loss2 = None
             if active2 is not None:
                 loss2 = self._second_pass(group, method, layout, first, active1, active2, callback)
+            else:
+                method.single_pass_gradient(first)
         finally:
             _set_requires_grad(layout, None)
 
@@ -168,7 +170,7 @@ class SharpnessAwareMixin:
                 loss2 = self._forward_backward(group)
         finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in compute_loss)
             perturbation.restore(params, saved)
-        method.combine(params, first_grads)
+        method.combine(params, first_grads, first)
         return loss2
 
     def _sharpness_callback(self) -> SharpnessAware | None:

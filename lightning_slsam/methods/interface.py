@@ -2,13 +2,19 @@
 
 The step itself lives in :mod:`lightning_slsam.mixin`. Per step, a method decides:
 
+0. ``on_train_epoch_start(trainer, module)``: once per epoch (SSAM's mask refresh);
 1. ``pass1_arms()``: which arms take part in pass 1 (at w);
 2. ``pass2_arms(first)``: after pass 1, which arms are perturbed and take part in pass 2 (at w + e), or
    ``None`` for a one-pass step;
 3. ``perturbation(...)``: the ascent e on those arms;
-4. ``combine(...)``: the gradient that reaches the optimizer (default: g(w + e) on the pass-2 arms and
-   g(w) on pass-1 arms outside pass 2);
+4. ``combine(...)`` after a two-pass step, ``single_pass_gradient(first)`` after a one-pass step: the
+   gradient that reaches the optimizer (default: g(w + e) on the pass-2 arms and g(w) on pass-1 arms
+   outside pass 2; g(w) on a one-pass step);
 5. ``after_step(first)``: what it learns from the step (SL-SAM's bandit).
+
+Gradients in ``p.grad`` carry the AMP loss scale ``first.grad_scale`` (1 without a GradScaler) until the
+optimizer step unscales them; a method that stores a gradient across steps stores it divided by that
+scale and multiplies by the current scale when it reuses it.
 """
 
 from __future__ import annotations
@@ -72,8 +78,9 @@ class Method:
     """
 
     name: ClassVar[str] = "sam"
-    #: whether ``combine`` needs the pass-1 gradients of the pass-2 arms (the step keeps a copy)
-    keeps_first_gradient: ClassVar[bool] = False
+    #: whether ``combine`` needs the pass-1 gradients of the pass-2 arms (the step keeps a copy); read
+    #: every step after ``pass2_arms``, so a method may set it per step on the instance
+    keeps_first_gradient: bool = False
     #: whether the step measures per-arm pass-1 gradient norms (False only for one-pass methods that never
     #: look at them, so that ``base`` costs exactly a plain step)
     measures_norms: ClassVar[bool] = True
@@ -87,6 +94,9 @@ class Method:
         """Bind to the model's arms; called once before training."""
         self.layout = layout
         self.all_arms = torch.ones(len(layout), dtype=torch.bool)
+
+    def on_train_epoch_start(self, trainer: Any, module: nn.Module) -> None:
+        """Called at the start of every training epoch (before its first step)."""
 
     # --- decisions of one step -------------------------------------------------------------------------
     def pass1_arms(self) -> Tensor:
