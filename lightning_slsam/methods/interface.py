@@ -116,8 +116,14 @@ class Method:
         """
         return sam_perturbation(grads, self.rho, grad_norm, in_place=not self.keeps_first_gradient)
 
-    def combine(self, params: Sequence[nn.Parameter], first_grads: Sequence[Tensor] | None) -> None:
-        """Turn ``p.grad`` (g at w + e for the pass-2 params) into the gradient the optimizer sees."""
+    def combine(self, params: Sequence[nn.Parameter], first_grads: Sequence[Tensor] | None, first: PassOne) -> None:
+        """Turn ``p.grad`` (g at w + e for ``params``, the pass-2 params) into the gradient the optimizer sees.
+
+        ``first_grads`` are their pass-1 gradients when ``keeps_first_gradient`` was set, else None.
+        """
+
+    def single_pass_gradient(self, first: PassOne) -> None:
+        """After a one-pass step: turn ``p.grad`` (g at w for ``first.params``) into the optimizer's gradient."""
 
     def after_step(self, first: PassOne) -> None:
         """Learn from the finished step (called after the optimizer step)."""
