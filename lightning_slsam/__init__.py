@@ -1,14 +1,25 @@
 """lightning-slsam: Sparse-Layer Sharpness-Aware Minimization and its competitors for PyTorch Lightning."""
 
 from lightning_slsam.arms import Arm, ArmLayout, build_arms
-from lightning_slsam.callback import SAM, SLSAM, Plain, SharpnessAware
-from lightning_slsam.methods import Method, PassOne, PlainMethod, SAMMethod, SLSAMMethod
+from lightning_slsam.callback import ASAM, RST, SAM, SLSAM, LayerwiseGNP, LookSAM, Plain, SharpnessAware
+from lightning_slsam.methods import (
+    LayerwiseGNPMethod,
+    LookSAMMethod,
+    Method,
+    PassOne,
+    PlainMethod,
+    RSTMethod,
+    SAMMethod,
+    SLSAMMethod,
+)
 from lightning_slsam.mixin import SharpnessAwareMixin
 from lightning_slsam.samplers import ArmSampler, Exp3Sampler, FixedSampler, UniformSampler, project_capped_simplex
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASAM",
+    "RST",
     "SAM",
     "SLSAM",
     "Arm",
@@ -16,10 +27,15 @@ __all__ = [
     "ArmSampler",
     "Exp3Sampler",
     "FixedSampler",
+    "LayerwiseGNP",
+    "LayerwiseGNPMethod",
+    "LookSAM",
+    "LookSAMMethod",
     "Method",
     "PassOne",
     "Plain",
     "PlainMethod",
+    "RSTMethod",
     "SAMMethod",
     "SLSAMMethod",
     "SharpnessAware",

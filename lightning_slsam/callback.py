@@ -14,7 +14,10 @@ from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
 from lightning_slsam.methods.interface import Method, PassOne, check_rho
+from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
+from lightning_slsam.methods.looksam import LookSAMMethod
 from lightning_slsam.methods.plain import PlainMethod
+from lightning_slsam.methods.rst import RSTMethod
 from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
 from lightning_slsam.mixin import SharpnessAwareMixin
@@ -43,7 +46,8 @@ class SharpnessAware(pl.Callback):
     Logged every step (``self.log`` of the module, so any Lightning logger gets them):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
     ``train/grad_norm`` (``||g||`` over the pass-1 arms, unscaled), ``train/active_ratio`` (fraction of
-    trainable elements with a gradient in pass 1), ``train/active_ratio_pass2`` and ``train/passes``.
+    trainable elements with a gradient in pass 1), ``train/active_ratio_pass2`` (the same for pass 2; 0 on
+    a one-pass step) and ``train/passes`` (1 or 2 forward-backward passes this step).
     At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began.
     """
 
@@ -209,7 +213,8 @@ class SharpnessAware(pl.Callback):
         if loss2 is not None and active2 is not None:
             module.log("train/loss_perturbed", loss2.detach())
             module.log("train/sharpness", (loss2 - loss).detach())
-            module.log("train/active_ratio_pass2", self.layout.active_ratio(active2))
+        # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
+        module.log("train/active_ratio_pass2", 0.0 if active2 is None else self.layout.active_ratio(active2))
 
     @property
     def mean_active_ratio(self) -> float:
@@ -295,6 +300,94 @@ class SAM(SharpnessAware):
 
     def build_method(self, layout: ArmLayout) -> Method:
         return self._method
+
+
+class ASAM(SharpnessAware):
+    """Adaptive SAM (Kwon et al. 2021): ``e = rho T^2 g / ||T g||``, ``T = |w| + eta`` on weights, 1 on biases.
+
+    Args:
+        rho: perturbation radius in the T-scaled space (>= 0; default 0.5, the paper's).
+        eta: offset in T (>= 0; default 0.01).
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(self, rho: float = 0.5, eta: float = 0.01, **options: Any) -> None:
+        super().__init__(**options)
+        self._method = SAMMethod(rho, adaptive=True, eta=eta)
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return self._method
+
+
+class LayerwiseGNP(SharpnessAware):
+    """Layer-wise gradient-norm penalising (Lee 2025): perturb only the arms with the largest gradients.
+
+    Pass 1 on every arm; the ``layer_fraction`` of arms with the largest gradient norms are perturbed and
+    are the only arms in pass 2; they get ``(1 - alpha) g(w) + alpha g(w + e)``, the rest ``g(w)``.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        alpha: weight of g(w + e), in [0, 1] (default 0.8).
+        layer_fraction: share of arms perturbed, in (0, 1], at least one arm (default 0.1).
+        reselect_every: choose the arms every this many steps (default 1).
+        arms: ``"block"`` (default), ``"module"`` or ``"tensor"``.
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        alpha: float = 0.8,
+        layer_fraction: float = 0.1,
+        reselect_every: int = 1,
+        arms: str = "block",
+        **options: Any,
+    ) -> None:
+        super().__init__(arms=arms, **options)
+        self._args = (rho, alpha, layer_fraction, reselect_every)
+        LayerwiseGNPMethod(*self._args)  # validate now, before training
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return LayerwiseGNPMethod(*self._args)
+
+
+class LookSAM(SharpnessAware):
+    """LookSAM (Liu et al. 2022): a SAM step every ``k`` steps, reusing its orthogonal gradient in between.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        k: SAM-step interval (int >= 1; default 5); ``k=1`` is SAM.
+        alpha: weight of the reused component (>= 0; default 0.7).
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(self, rho: float = 0.05, k: int = 5, alpha: float = 0.7, **options: Any) -> None:
+        super().__init__(**options)
+        self._args = (rho, k, alpha)
+        LookSAMMethod(*self._args)
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return LookSAMMethod(*self._args)
+
+
+class RST(SharpnessAware):
+    """Randomized SAM (the SL-SAM authors' baseline): a SAM step with probability ``p``, else a base step.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        p: probability of a SAM step, in [0, 1] (default 0.5).
+        seed: the coin's seed; None draws it from the global torch RNG (equal on every rank).
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(self, rho: float = 0.05, p: float = 0.5, seed: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self._args = (rho, p)
+        self.seed = seed
+        RSTMethod(rho, p)
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return RSTMethod(*self._args, seed=broadcast_seed(self.seed))
 
 
 class SLSAM(SharpnessAware):

@@ -1,8 +1,20 @@
 """One file per method, all on the interface of :mod:`lightning_slsam.methods.interface`."""
 
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
+from lightning_slsam.methods.looksam import LookSAMMethod
 from lightning_slsam.methods.plain import PlainMethod
+from lightning_slsam.methods.rst import RSTMethod
 from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
 
-__all__ = ["Method", "PassOne", "PlainMethod", "SAMMethod", "SLSAMMethod"]
+__all__ = [
+    "LayerwiseGNPMethod",
+    "LookSAMMethod",
+    "Method",
+    "PassOne",
+    "PlainMethod",
+    "RSTMethod",
+    "SAMMethod",
+    "SLSAMMethod",
+]

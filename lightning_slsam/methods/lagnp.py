@@ -1,0 +1,72 @@
+"""``lagnp``: layer-wise gradient-norm penalising (Lee 2025, arXiv 2503.14205).
+
+Pass 1 runs on every arm. The ``layer_fraction`` of arms with the largest pass-1 gradient norms (at
+least one) are perturbed with ``rho g/||g||`` (norm over those arms) and are the only arms in pass 2, so
+the second backward stops early when they sit near the output. Their gradient is the mix
+``(1 - alpha) g(w) + alpha g(w + e)``; every other arm keeps ``g(w)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_slsam.methods.interface import Method, PassOne
+
+
+class LayerwiseGNPMethod(Method):
+    """Args:
+    rho: perturbation radius (>= 0; default 0.05).
+    alpha: weight of g(w + e) in the chosen arms' gradient, in [0, 1] (default 0.8).
+    layer_fraction: share of arms perturbed, in (0, 1]; ``max(1, round(fraction * N))`` arms (default 0.1).
+    reselect_every: choose the arms again every this many steps, reusing the choice in between (default 1).
+    """
+
+    name = "lagnp"
+
+    def __init__(
+        self, rho: float = 0.05, alpha: float = 0.8, layer_fraction: float = 0.1, reselect_every: int = 1
+    ) -> None:
+        super().__init__(rho)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha: the weight of g(w + e) must lie in [0, 1], got {alpha!r}")
+        if not 0.0 < layer_fraction <= 1.0:
+            raise ValueError(f"layer_fraction: must lie in (0, 1], got {layer_fraction!r}")
+        if not (isinstance(reselect_every, int) and reselect_every >= 1):
+            raise ValueError(f"reselect_every: must be an int >= 1, got {reselect_every!r}")
+        self.alpha = float(alpha)
+        self.layer_fraction = float(layer_fraction)
+        self.reselect_every = reselect_every
+        self.keeps_first_gradient = self.alpha < 1.0
+        self.steps = 0
+        self.chosen: Tensor | None = None
+
+    def num_chosen(self) -> int:
+        """How many arms are perturbed per step."""
+        assert self.layout is not None
+        return max(1, min(len(self.layout), round(self.layer_fraction * len(self.layout))))
+
+    def pass2_arms(self, first: PassOne) -> Tensor:
+        if self.chosen is None or self.steps % self.reselect_every == 0:
+            top = torch.topk(first.arm_norms, self.num_chosen()).indices.cpu()  # rank-mean norms: same on all ranks
+            self.chosen = torch.zeros(len(first.active), dtype=torch.bool).index_fill_(0, top, True) & first.active
+        self.steps += 1
+        return self.chosen
+
+    def combine(self, params: Sequence[nn.Parameter], first_grads: Sequence[Tensor] | None, first: PassOne) -> None:
+        if first_grads is None or not params:  # alpha == 1: the optimizer sees g(w + e) on the chosen arms
+            return
+        second = [p.grad for p in params]
+        torch._foreach_lerp_(list(first_grads), second, self.alpha)  # (1 - alpha) g(w) + alpha g(w + e)
+        for p, mixed in zip(params, first_grads, strict=True):
+            p.grad = mixed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "chosen": None if self.chosen is None else self.chosen.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.chosen = None if state["chosen"] is None else state["chosen"].clone()
