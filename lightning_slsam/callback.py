@@ -24,6 +24,7 @@ from lightning_slsam.mixin import SharpnessAwareMixin
 from lightning_slsam.samplers import Exp3Sampler, UniformSampler, _check_sparsity
 
 BN_RUNNING_STATS = ("pass1", "both")
+STATE_KEY_PREFIX = "SharpnessAware["
 SAMPLERS = ("exp3", "uniform")
 
 
@@ -97,6 +98,26 @@ class SharpnessAware(pl.Callback):
     def build_method(self, layout: ArmLayout) -> Method:
         """The method this callback runs, for the model's arms."""
         raise NotImplementedError
+
+    @property
+    def state_key(self) -> str:
+        """``SharpnessAware[<class>]``: the prefix lets ``on_load_checkpoint`` spot another method's state."""
+        return f"{STATE_KEY_PREFIX}{type(self).__name__}]"
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning hands each callback only the state under its own key; without this check a run resumed
+        # with another method would silently start that method afresh.
+        others = [
+            key for key in checkpoint.get("callbacks", {}) if key.startswith(STATE_KEY_PREFIX) and key != self.state_key
+        ]
+        if others and self.state_key not in checkpoint.get("callbacks", {}):
+            written = others[0][len(STATE_KEY_PREFIX) : -1]
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was written with the {written} callback (method state "
+                f"{others[0]!r}); resume with the same method, or load only the weights"
+            )
 
     # --- Lightning hooks -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -7,15 +7,17 @@ runs that callback's method; without one it trains as the base optimizer, one pa
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor, nn
 
 from lightning_slsam import perturbation
 from lightning_slsam.arms import ArmLayout
 from lightning_slsam.distributed import all_reduce_mean
-from lightning_slsam.lr_schedules import step_schedulers
+from lightning_slsam.lr_schedules import split_monitors, step_schedulers
 from lightning_slsam.methods.interface import Method, PassOne
 
 if TYPE_CHECKING:
@@ -44,6 +46,19 @@ class SharpnessAwareMixin:
                 f"{cls.__name__}: a SharpnessAwareMixin module must not define training_step; the mixin owns "
                 "the sharpness-aware step. Put the loss in compute_loss(self, batch) instead."
             )
+        if "configure_optimizers" in cls.__dict__:
+            cls.configure_optimizers = _capturing_monitors(cls.__dict__["configure_optimizers"])  # type: ignore[attr-defined]
+
+    def configure_callbacks(self) -> list[Any]:
+        """Without a sharpness-aware callback on the Trainer, train with :class:`~lightning_slsam.Plain`.
+
+        (A module that overrides ``configure_callbacks`` without calling this still trains as the base
+        optimizer, through a fallback step that does not step epoch-interval LR schedulers at the last epoch.)
+        """
+        from lightning_slsam.callback import Plain, find_sharpness_callback
+
+        trainer = getattr(self, "_trainer", None)
+        return [Plain()] if trainer is not None and find_sharpness_callback(trainer) is None else []
 
     @property
     def automatic_optimization(self) -> bool:
@@ -53,7 +68,7 @@ class SharpnessAwareMixin:
         optimization ignores are refused, with the callback argument to use instead.
         """
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None:
+        if trainer is not None and trainer.state.status == TrainerStatus.RUNNING:
             _refuse_automatic_only_flags(trainer)
         return False
 
@@ -93,20 +108,21 @@ class SharpnessAwareMixin:
         try:
             loss = self._forward_backward(group)
             first = _measure_pass_one(layout, active1, scaler if method.measures_norms else False)
-            active2 = method.pass2_arms(first)
+            # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
+            finite = bool(first.finite) if method.measures_norms else True
+            active2 = method.pass2_arms(first) if finite else None
             loss2 = None
             if active2 is not None:
                 loss2 = self._second_pass(group, method, layout, first, active1, active2, callback)
-            else:
+            elif finite:
                 method.single_pass_gradient(first)
         finally:
             _set_requires_grad(layout, None)
 
         all_reduce_mean([p.grad for p in layout.params if p.grad is not None])
-        stepped = True
-        if active2 is not None:
-            stepped = _guard_non_finite(layout, first, scaler)
-        if stepped:
+        # After an overflow a GradScaler still gets its step: it finds the inf pass-1 gradients, skips the
+        # update and backs off its scale, as in plain training. Without a scaler the step is skipped.
+        if finite or scaler is not None:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_schedulers(module.trainer, "step")
@@ -180,6 +196,22 @@ class SharpnessAwareMixin:
         return None if trainer is None else find_sharpness_callback(trainer)
 
 
+def _capturing_monitors(configure_optimizers: Any) -> Any:
+    """Wrap a module's ``configure_optimizers``: keep the schedulers' ``monitor`` keys, which Lightning drops
+    (with a warning) under manual optimization, so that ``ReduceLROnPlateau`` can still be stepped."""
+    if getattr(configure_optimizers, "_captures_monitors", False):
+        return configure_optimizers
+
+    @functools.wraps(configure_optimizers)
+    def wrapper(self: Any) -> Any:
+        conf, monitors = split_monitors(configure_optimizers(self))
+        self.__dict__.setdefault("_scheduler_monitors", {}).update(monitors)
+        return conf
+
+    wrapper._captures_monitors = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _refuse_automatic_only_flags(trainer: Any) -> None:
     clip = getattr(trainer, "gradient_clip_val", None)
     if clip:
@@ -243,19 +275,3 @@ def _measure_pass_one(layout: ArmLayout, active: Tensor, scaler: torch.amp.GradS
     shared = local.clone()
     all_reduce_mean([shared])  # rank-mean (N floats): every rank decides and learns from the same norms
     return PassOne(active, params, arm_of_param, shared, grad_scale, torch.isfinite(shared).all(), local)
-
-
-def _guard_non_finite(layout: ArmLayout, first: PassOne, scaler: torch.amp.GradScaler | None) -> bool:
-    """Whether to take the optimizer step after a two-pass step whose pass 1 may have overflowed.
-
-    With a GradScaler nothing waits on the host: a non-finite pass 1 turns one gradient into NaN, so the
-    scaler skips the step and backs off its scale as it would for plain training. Without a scaler the
-    step is skipped by reading the pass-1 flag (one small device-to-host read).
-    """
-    if scaler is not None:
-        grads = [p.grad for p in layout.params if p.grad is not None]
-        if grads:
-            poison = torch.where(first.finite, 1.0, float("nan")).to(grads[0].dtype)
-            grads[0].mul_(poison)
-        return True
-    return bool(first.finite)
