@@ -1,8 +1,9 @@
 """lightning-slsam: Sparse-Layer Sharpness-Aware Minimization and its competitors for PyTorch Lightning."""
 
 from lightning_slsam.arms import Arm, ArmLayout, build_arms
-from lightning_slsam.callback import ASAM, RST, SAM, SLSAM, LayerwiseGNP, LookSAM, Plain, SharpnessAware
+from lightning_slsam.callback import ARSAM, ASAM, RST, SAM, SLSAM, LayerwiseGNP, LookSAM, Plain, SharpnessAware
 from lightning_slsam.methods import (
+    ARSAMMethod,
     LayerwiseGNPMethod,
     LookSAMMethod,
     Method,
@@ -18,10 +19,12 @@ from lightning_slsam.samplers import ArmSampler, Exp3Sampler, FixedSampler, Unif
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARSAM",
     "ASAM",
     "RST",
     "SAM",
     "SLSAM",
+    "ARSAMMethod",
     "Arm",
     "ArmLayout",
     "ArmSampler",

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
+from lightning_slsam.methods.arsam import ARSAMMethod
 from lightning_slsam.methods.interface import Method, PassOne, check_rho
 from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
 from lightning_slsam.methods.looksam import LookSAMMethod
@@ -91,6 +92,8 @@ class SharpnessAware(pl.Callback):
         self._micro_batches: list[Any] = []
         self.steps = 0
         self.active_ratio_sum = 0.0
+        self.active_ratio2_sum = 0.0
+        self.passes_sum = 0
         #: how often each arm was active in pass 1 (int64, one per arm)
         self.selection_counts = torch.zeros(0, dtype=torch.long)
         self._history: list[Tensor] = []
@@ -219,8 +222,11 @@ class SharpnessAware(pl.Callback):
         """Log one finished step and update the running counters."""
         assert self.layout is not None
         ratio = self.layout.active_ratio(active1)
+        ratio2 = 0.0 if active2 is None else self.layout.active_ratio(active2)
         self.steps += 1
         self.active_ratio_sum += ratio
+        self.active_ratio2_sum += ratio2
+        self.passes_sum += 1 if loss2 is None else 2
         self.selection_counts += active1.to(torch.long)
         if self.history_every and (self.steps - 1) % self.history_every == 0:
             probs = self.probabilities()
@@ -235,12 +241,22 @@ class SharpnessAware(pl.Callback):
             module.log("train/loss_perturbed", loss2.detach())
             module.log("train/sharpness", (loss2 - loss).detach())
         # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
-        module.log("train/active_ratio_pass2", 0.0 if active2 is None else self.layout.active_ratio(active2))
+        module.log("train/active_ratio_pass2", ratio2)
 
     @property
     def mean_active_ratio(self) -> float:
         """Mean active-parameter ratio (pass 1) over all steps so far; 0 before the first step."""
         return self.active_ratio_sum / self.steps if self.steps else 0.0
+
+    @property
+    def mean_active_ratio_pass2(self) -> float:
+        """Mean active-parameter ratio of pass 2 over all steps so far (0 counted for one-pass steps)."""
+        return self.active_ratio2_sum / self.steps if self.steps else 0.0
+
+    @property
+    def mean_passes(self) -> float:
+        """Mean forward+backward passes per optimizer step so far (1 to 2)."""
+        return self.passes_sum / self.steps if self.steps else 0.0
 
     def probabilities(self) -> Tensor | None:
         """Current per-arm sampling probabilities (float64, CPU), or None for methods that do not sample."""
@@ -261,6 +277,8 @@ class SharpnessAware(pl.Callback):
             "method_state": self.method.state_dict(),
             "steps": self.steps,
             "active_ratio_sum": self.active_ratio_sum,
+            "active_ratio2_sum": self.active_ratio2_sum,
+            "passes_sum": self.passes_sum,
             "selection_counts": self.selection_counts.clone(),
             "history": list(self._history),
         }
@@ -290,6 +308,8 @@ class SharpnessAware(pl.Callback):
         self.method.load_state_dict(state["method_state"])
         self.steps = int(state["steps"])
         self.active_ratio_sum = float(state["active_ratio_sum"])
+        self.active_ratio2_sum = float(state["active_ratio2_sum"])
+        self.passes_sum = int(state["passes_sum"])
         self.selection_counts = state["selection_counts"].clone()
         self._history = list(state["history"])
 
@@ -370,6 +390,51 @@ class LayerwiseGNP(SharpnessAware):
 
     def build_method(self, layout: ArmLayout) -> Method:
         return LayerwiseGNPMethod(*self._args)
+
+
+class ARSAM(SharpnessAware):
+    """ARSAM (Deng & Pang 2025): SAM's gradient split as g(w) + PSF; the PSF is computed exactly on refresh
+    steps (two passes) and reused, decaying, on one-pass steps in between (docs/methods/arsam.md).
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        threshold: refresh when ||g|| has drifted by more than this fraction since the last refresh
+            (default 0.2; ``inf`` refreshes only every ``max_interval`` steps).
+        max_interval: refresh at least every this many steps (default 5).
+        mix_decay: the reused PSF is weighted ``mix_decay ** j`` on the j-th step after a refresh (default 0.7).
+        mix_steps: drop the PSF after this many reuse steps (default 6; None keeps it).
+        warmup_steps, warmup_epochs: refresh (plain SAM) on every step before these (default 0).
+        last_arms: measure the drift on the last this-many arms only (default None: all).
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        threshold: float = 0.2,
+        max_interval: int = 5,
+        mix_decay: float = 0.7,
+        mix_steps: int | None = 6,
+        warmup_steps: int = 0,
+        warmup_epochs: int = 0,
+        last_arms: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self._args = {
+            "rho": rho,
+            "threshold": threshold,
+            "max_interval": max_interval,
+            "mix_decay": mix_decay,
+            "mix_steps": mix_steps,
+            "warmup_steps": warmup_steps,
+            "warmup_epochs": warmup_epochs,
+            "last_arms": last_arms,
+        }
+        ARSAMMethod(**self._args)  # validate now, before training
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return ARSAMMethod(**self._args)
 
 
 class LookSAM(SharpnessAware):

@@ -1,5 +1,6 @@
 """One file per method, all on the interface of :mod:`lightning_slsam.methods.interface`."""
 
+from lightning_slsam.methods.arsam import ARSAMMethod
 from lightning_slsam.methods.interface import Method, PassOne
 from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
 from lightning_slsam.methods.looksam import LookSAMMethod
@@ -9,6 +10,7 @@ from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
 
 __all__ = [
+    "ARSAMMethod",
     "LayerwiseGNPMethod",
     "LookSAMMethod",
     "Method",
