@@ -1,7 +1,19 @@
 """lightning-slsam: Sparse-Layer Sharpness-Aware Minimization and its competitors for PyTorch Lightning."""
 
 from lightning_slsam.arms import Arm, ArmLayout, build_arms
-from lightning_slsam.callback import ARSAM, ASAM, RST, SAM, SLSAM, LayerwiseGNP, LookSAM, Plain, SharpnessAware
+from lightning_slsam.callback import (
+    ARSAM,
+    ASAM,
+    RST,
+    SAM,
+    SLSAM,
+    SSAMD,
+    SSAMF,
+    LayerwiseGNP,
+    LookSAM,
+    Plain,
+    SharpnessAware,
+)
 from lightning_slsam.methods import (
     ARSAMMethod,
     LayerwiseGNPMethod,
@@ -12,6 +24,8 @@ from lightning_slsam.methods import (
     RSTMethod,
     SAMMethod,
     SLSAMMethod,
+    SSAMDMethod,
+    SSAMFMethod,
 )
 from lightning_slsam.mixin import SharpnessAwareMixin
 from lightning_slsam.samplers import ArmSampler, Exp3Sampler, FixedSampler, UniformSampler, project_capped_simplex
@@ -24,6 +38,8 @@ __all__ = [
     "RST",
     "SAM",
     "SLSAM",
+    "SSAMD",
+    "SSAMF",
     "ARSAMMethod",
     "Arm",
     "ArmLayout",
@@ -41,6 +57,8 @@ __all__ = [
     "RSTMethod",
     "SAMMethod",
     "SLSAMMethod",
+    "SSAMDMethod",
+    "SSAMFMethod",
     "SharpnessAware",
     "SharpnessAwareMixin",
     "UniformSampler",

@@ -21,6 +21,7 @@ from lightning_slsam.methods.plain import PlainMethod
 from lightning_slsam.methods.rst import RSTMethod
 from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
+from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
 from lightning_slsam.mixin import SharpnessAwareMixin
 from lightning_slsam.samplers import Exp3Sampler, UniformSampler, _check_sparsity
 
@@ -358,6 +359,82 @@ class ASAM(SharpnessAware):
 
     def build_method(self, layout: ArmLayout) -> Method:
         return self._method
+
+
+class SSAMF(SharpnessAware):
+    """SSAM-F (Mi et al. 2022): SAM's ascent masked to the elements with the largest empirical Fisher score.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        sparsity: fraction of elements NOT perturbed, in [0, 1) (default 0.5).
+        num_samples: training samples whose per-sample gradients make the Fisher score (default 128).
+        update_every_epochs: refresh the mask at the start of every this-many epochs (default 1).
+        per_sample: ``"auto"`` (torch.func vmap, falling back to a loop), ``"vmap"`` or ``"loop"``.
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        sparsity: float = 0.5,
+        num_samples: int = 128,
+        update_every_epochs: int = 1,
+        per_sample: str = "auto",
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self._args = {
+            "rho": rho,
+            "sparsity": sparsity,
+            "num_samples": num_samples,
+            "update_every_epochs": update_every_epochs,
+            "per_sample": per_sample,
+        }
+        SSAMFMethod(**self._args)  # validate now, before training
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return SSAMFMethod(**self._args)
+
+
+class SSAMD(SharpnessAware):
+    """SSAM-D (Mi et al. 2022): SAM's ascent masked by a random mask evolved by drop-and-grow.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        sparsity: fraction of elements NOT perturbed, in [0, 1) (default 0.5).
+        drop_rate: fraction of live elements replaced at a refresh, cosine-decayed over training (default 0.5).
+        update_every_epochs: refresh at the first step of every this-many epochs after the first (default 1).
+        drop: ``"gradient"`` (drop the smallest |g|, default) or ``"random"``.
+        grow: ``"random"`` (default) or ``"gradient"`` (grow the largest |g|).
+        seed: the mask generator's seed; None draws it from the global torch RNG (equal on every rank).
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        sparsity: float = 0.5,
+        drop_rate: float = 0.5,
+        update_every_epochs: int = 1,
+        drop: str = "gradient",
+        grow: str = "random",
+        seed: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self._args = {
+            "rho": rho,
+            "sparsity": sparsity,
+            "drop_rate": drop_rate,
+            "update_every_epochs": update_every_epochs,
+            "drop": drop,
+            "grow": grow,
+        }
+        self.seed = seed
+        SSAMDMethod(**self._args, seed=0)  # type: ignore[arg-type]  # validate now, before training
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        return SSAMDMethod(**self._args, seed=broadcast_seed(self.seed))  # type: ignore[arg-type]
 
 
 class LayerwiseGNP(SharpnessAware):

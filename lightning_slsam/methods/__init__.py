@@ -8,6 +8,7 @@ from lightning_slsam.methods.plain import PlainMethod
 from lightning_slsam.methods.rst import RSTMethod
 from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
+from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
 
 __all__ = [
     "ARSAMMethod",
@@ -19,4 +20,6 @@ __all__ = [
     "RSTMethod",
     "SAMMethod",
     "SLSAMMethod",
+    "SSAMDMethod",
+    "SSAMFMethod",
 ]
