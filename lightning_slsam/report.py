@@ -1,0 +1,575 @@
+"""Sweep report: tables and plots from the ``result.json`` records of a Hydra sweep (``slsam-report``).
+
+Every training run writes ``result.json`` (and ``probabilities.pt`` for methods that sample arms) in its own
+directory; see ``docs/results-record.md``. This module finds those records below a sweep directory, groups them by
+``(experiment, method_label)`` over seeds and writes ``report.md`` with a markdown table, an accuracy-vs-step-time plot
+and one sampling-probability heatmap per sampling method and experiment.
+
+Plots use matplotlib's Agg canvas directly (no ``pyplot``, no global backend switch), so the report runs headless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "METHOD_ORDER",
+    "load_records",
+    "main",
+    "markdown_table",
+    "plot_accuracy_vs_time",
+    "plot_probability_heatmap",
+    "summarize",
+    "write_report",
+]
+
+RECORD_NAME = "result.json"
+PROBABILITIES_NAME = "probabilities.pt"
+REPORT_NAME = "report.md"
+ACCURACY_PLOT_NAME = "accuracy_vs_time.png"
+
+#: Fixed display order of the methods; ``slsam*`` labels come next, then ``slsam_uniform*``, then any others.
+METHOD_ORDER: tuple[str, ...] = ("base", "sam", "asam", "ssam_f", "ssam_d", "lagnp", "arsam", "looksam", "rst")
+#: Heatmaps label their y axis with arm names up to this many arms (else arm indices).
+MAX_NAMED_ARMS = 40
+NA = "n/a"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and summarising
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``result.json`` below ``sweep_dir`` (any depth, sorted by path), each with ``run_dir`` added (a str).
+
+    Files that are not a JSON object are skipped with a warning (e.g. a run still writing its record).
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` does not exist, is not a directory, or holds no readable record.
+    """
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist or is not a directory")
+    records: list[dict[str, Any]] = []
+    for path in sorted(root.rglob(RECORD_NAME)):
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            warnings.warn(f"skipping unreadable record {path}: {error}", stacklevel=2)
+            continue
+        if not isinstance(record, dict):
+            warnings.warn(f"skipping record {path}: not a JSON object", stacklevel=2)
+            continue
+        record["run_dir"] = str(path.parent)
+        records.append(record)
+    if not records:
+        raise FileNotFoundError(f"no {RECORD_NAME} records found below {str(root)!r}")
+    return records
+
+
+def _label(record: dict[str, Any]) -> str:
+    return str(record.get("method_label") or record.get("method") or "unknown")
+
+
+def _natural_key(text: str) -> tuple[tuple[int, float, str], ...]:
+    """Sort key comparing embedded numbers numerically: ``slsam_s0.05 < slsam_s0.2 < slsam_s1``."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", text)
+    return tuple((1, float(part), "") if i % 2 else (0, 0.0, part) for i, part in enumerate(parts))
+
+
+def _method_rank(method: str) -> int:
+    if method in METHOD_ORDER:
+        return METHOD_ORDER.index(method)
+    if method.startswith("slsam_uniform"):
+        return len(METHOD_ORDER) + 1
+    if method.startswith("slsam"):
+        return len(METHOD_ORDER)
+    return len(METHOD_ORDER) + 2
+
+
+def _method_sort_key(method: str, label: str) -> tuple[int, tuple[tuple[int, float, str], ...]]:
+    """Display order: :data:`METHOD_ORDER`, ``slsam*``, ``slsam_uniform*``, then the rest; ties by label (natural).
+
+    The rank comes from the record's ``method`` (so ``sam_rho0.1`` of method ``sam`` sits with ``sam``), or from the
+    label when the method is not a known one.
+    """
+    rank = _method_rank(method)
+    if rank > len(METHOD_ORDER) + 1:
+        rank = _method_rank(label)
+    return (rank, _natural_key(label))
+
+
+def _experiment_key(experiment: str | None) -> tuple[int, str]:
+    return (1, "") if experiment is None else (0, str(experiment))
+
+
+def _numbers(records: Iterable[dict[str, Any]], key: str) -> list[float]:
+    values = []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        values.append(float(value))
+    return values
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    if all(math.isfinite(v) for v in values):
+        return statistics.mean(values)
+    return sum(values) / len(values)  # NaN (e.g. a diverged run) or inf: statistics cannot take them
+
+
+def _std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation; 0 for one value, NaN when a value is not finite, None for none."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return 0.0
+    if all(math.isfinite(v) for v in values):
+        return statistics.stdev(values)
+    return math.nan
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ``(experiment, method_label)``, in display order.
+
+    Order: experiments alphabetically (records without one last), then methods as :data:`METHOD_ORDER`, labels of
+    method ``slsam*``, ``slsam_uniform*``, then any others alphabetically (numbers in labels compared as numbers).
+
+    Row keys: ``experiment``, ``method``, ``method_label``, ``metric_name``, ``runs`` (number of records),
+    ``seeds`` (sorted), ``metric_mean`` / ``metric_std`` (``best_metric``; sample std, 0 for one run),
+    ``final_metric_mean``, ``median_step_time_s`` (mean of the runs' medians), ``step_time_ratio`` (that mean over
+    the same mean of the experiment's ``base`` runs; None without a base run), ``active_ratio``,
+    ``active_ratio_pass2``, ``passes_per_step``, ``peak_memory_mb``, ``steps`` (means; None where no record has the
+    key), ``run_dirs`` (aligned with ``seeds``; None for a record without one) and ``has_probabilities`` (some run
+    wrote ``probabilities.pt``).
+    """
+    groups: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
+    for record in records:
+        experiment = record.get("experiment")
+        experiment = None if experiment is None else str(experiment)
+        groups.setdefault((experiment, _label(record)), []).append(record)
+
+    base_time: dict[str | None, float | None] = {}
+    for experiment in {experiment for experiment, _ in groups}:
+        base_runs = [
+            r
+            for (e, label), runs in groups.items()
+            if e == experiment
+            for r in runs
+            if str(r.get("method") or label) == "base"
+        ]
+        base_time[experiment] = _mean(_numbers(base_runs, "median_step_time_s"))
+
+    rows = []
+    for (experiment, label), runs in groups.items():
+        runs = sorted(runs, key=lambda r: (_seed_key(r.get("seed")), str(r.get("run_dir", ""))))
+        metric = _numbers(runs, "best_metric")
+        step_time = _mean(_numbers(runs, "median_step_time_s"))
+        base = base_time[experiment]
+        ratio = step_time / base if step_time is not None and base else None
+        if ratio is not None and not math.isfinite(ratio):
+            ratio = None
+        metric_names = sorted({str(r["metric_name"]) for r in runs if r.get("metric_name")})
+        rows.append(
+            {
+                "experiment": experiment,
+                "method": str(runs[0].get("method") or label),
+                "method_label": label,
+                "metric_name": metric_names[0] if len(metric_names) == 1 else ", ".join(metric_names) or "metric",
+                "runs": len(runs),
+                "seeds": [r.get("seed") for r in runs],
+                "metric_mean": _mean(metric),
+                "metric_std": _std(metric),
+                "final_metric_mean": _mean(_numbers(runs, "final_metric")),
+                "median_step_time_s": step_time,
+                "step_time_ratio": ratio,
+                "active_ratio": _mean(_numbers(runs, "active_ratio")),
+                "active_ratio_pass2": _mean(_numbers(runs, "active_ratio_pass2")),
+                "passes_per_step": _mean(_numbers(runs, "passes_per_step")),
+                "peak_memory_mb": _mean(_numbers(runs, "peak_memory_mb")),
+                "steps": _mean(_numbers(runs, "steps")),
+                "run_dirs": [r.get("run_dir") for r in runs],
+                "has_probabilities": any(
+                    "run_dir" in r and (Path(r["run_dir"]) / PROBABILITIES_NAME).is_file() for r in runs
+                ),
+            }
+        )
+    rows.sort(
+        key=lambda row: (_experiment_key(row["experiment"]), _method_sort_key(row["method"], row["method_label"]))
+    )
+    return rows
+
+
+def _seed_key(seed: Any) -> tuple[int, Any]:
+    if isinstance(seed, int | float) and not isinstance(seed, bool):
+        return (0, seed)
+    return (1, str(seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    if value is None:
+        return NA
+    return f"{value:{spec}}{suffix}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`summarize` as a markdown table (one line per row, header and rule first).
+
+    Formats: metric ``0.9512 ± 0.0031``, step time ratio ``1.93x`` (``n/a`` without a base run), active ratios
+    ``0.200 / 0.000`` (pass 1 / pass 2), passes per step ``1.50``, peak memory ``123.4``. When the rows use several
+    metric names the header says ``metric`` and each cell is prefixed with its metric name.
+    """
+    names = {row["metric_name"] for row in rows}
+    single = len(names) <= 1
+    metric_header = (next(iter(names)) if names else "metric") if single else "metric"
+    header = [
+        "experiment",
+        "method",
+        "runs",
+        f"{metric_header} (mean ± std)",
+        "step time / base",
+        "active ratio (pass 1 / pass 2)",
+        "passes/step",
+        "peak memory (MiB)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for row in rows:
+        if row["metric_mean"] is None:
+            metric = NA
+        else:
+            metric = f"{row['metric_mean']:.4f} ± {row['metric_std']:.4f}"
+            if not single:
+                metric = f"{row['metric_name']} {metric}"
+        active = f"{_fmt(row['active_ratio'], '.3f')} / {_fmt(row['active_ratio_pass2'], '.3f')}"
+        cells = [
+            "—" if row["experiment"] is None else row["experiment"],
+            row["method_label"],
+            row["runs"],
+            metric,
+            _fmt(row["step_time_ratio"], ".2f", "x"),
+            active,
+            _fmt(row["passes_per_step"], ".2f"),
+            _fmt(row["peak_memory_mb"], ".1f"),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """A PNG with one subplot per experiment: one labelled point per method at (step time / base, metric mean),
+    with the metric's std as error bar. An experiment without a base run is plotted against the absolute median
+    step time (ms) instead. Returns ``path``."""
+    path = Path(path)
+    experiments: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["metric_mean"] is not None:
+            experiments.setdefault(row["experiment"], []).append(row)
+    count = max(len(experiments), 1)
+    columns = min(count, 2)
+    lines = math.ceil(count / columns)
+    figure = _new_figure(6.4 * columns, 4.8 * lines)
+    axes = figure.subplots(lines, columns, squeeze=False).ravel()
+    if not experiments:
+        axes[0].text(0.5, 0.5, "no metric values", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    for ax, (experiment, group) in zip(axes, experiments.items(), strict=False):
+        relative = all(row["step_time_ratio"] is not None for row in group)
+        xs = []
+        for row in group:
+            if relative:
+                xs.append(row["step_time_ratio"])
+            else:
+                step = row["median_step_time_s"]
+                xs.append(math.nan if step is None else 1e3 * step)
+        markers = "osD^vPX*<>"
+        for i, (x, row) in enumerate(zip(xs, group, strict=True)):
+            color = f"C{i % 10}"
+            ax.errorbar(
+                x,
+                row["metric_mean"],
+                yerr=row["metric_std"],
+                fmt=markers[i % len(markers)],
+                color=color,
+                ecolor=color,
+                elinewidth=1.2,
+                capsize=4,
+                markersize=7,
+                label=row["method_label"],
+            )
+            ax.annotate(
+                row["method_label"],
+                (x, row["metric_mean"]),
+                xytext=(7, 6),
+                textcoords="offset points",
+                fontsize=8,
+                color=color,
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.6},
+                zorder=1.5,  # under the markers: a label never hides a point
+            )
+        if relative:
+            ax.axvline(1.0, color="0.75", linewidth=0.8, linestyle="--", zorder=0)
+            ax.set_xlabel("median step time / base")
+        else:
+            ax.set_xlabel("median step time (ms; no base run)")
+        metric = group[0]["metric_name"]
+        ax.set_ylabel(f"best {metric} (mean ± std)")
+        ax.set_title("(no experiment)" if experiment is None else str(experiment))
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.15, y=0.12)
+        ax.legend(fontsize=7, loc="best", framealpha=0.7)
+    for ax in axes[len(experiments) or 1 :]:
+        ax.set_axis_off()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_probability_heatmap(run_dir: str | Path, path: str | Path, title: str | None = None) -> bool:
+    """Heatmap of the per-arm sampling probabilities in ``run_dir/probabilities.pt`` (arms on y, training steps =
+    record index * ``every`` on x, with a colorbar), saved as PNG at ``path``.
+
+    Returns False (writing nothing) when the run has no ``probabilities.pt`` or an empty history, True otherwise.
+    """
+    source = Path(run_dir) / PROBABILITIES_NAME
+    if not source.is_file():
+        return False
+    import torch
+
+    data = torch.load(source, map_location="cpu", weights_only=True)
+    history = torch.as_tensor(data["history"]).detach().to(torch.float32)
+    if history.ndim == 1:
+        history = history.unsqueeze(1)
+    if history.ndim != 2 or history.numel() == 0:
+        return False
+    records, arms = history.shape
+    every = int(data.get("every") or 1)
+    names = [str(name) for name in data.get("arm_names") or []]
+    if title is None:
+        title = _run_title(Path(run_dir))
+
+    named = len(names) == arms and arms <= MAX_NAMED_ARMS
+    longest = max((len(name) for name in names), default=4) if named else 4
+    width = min(4.0 + 0.065 * longest + 0.02 * records, 16.0)
+    width = max(width, 7.0)
+    height = min(max(2.5, 0.6 + 0.22 * arms), 14.0) if named else 4.8
+    finite = history[torch.isfinite(history)]
+    figure = _new_figure(width, height)
+    ax = figure.subplots()
+    image = ax.imshow(
+        history.T.numpy(),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        origin="upper",
+        extent=(-0.5 * every, (records - 0.5) * every, arms - 0.5, -0.5),
+        vmin=0.0,
+        vmax=max(float(finite.max()), 1e-12) if finite.numel() else 1.0,
+    )
+    if named:
+        ax.set_yticks(range(arms), names, fontsize=7 if arms > 12 else 8)
+        ax.set_ylabel("arm")
+    else:
+        ax.set_ylabel("arm index")
+    ax.set_xlabel("training step")
+    ax.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=ax, label="sampling probability", fraction=0.05, pad=0.02)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def _run_title(run_dir: Path) -> str:
+    try:
+        record = json.loads((run_dir / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"arm sampling probabilities: {run_dir.name}"
+    experiment = record.get("experiment")
+    parts = [str(experiment)] if experiment else []
+    parts.append(_label(record))
+    if record.get("seed") is not None:
+        parts.append(f"seed {record['seed']}")
+    return "arm sampling probabilities: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "unnamed"
+
+
+def _seed_list(seeds: Sequence[Any]) -> str:
+    return ", ".join(str(seed) for seed in seeds) if seeds else "none"
+
+
+def _notes(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    by_experiment: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_experiment.setdefault(row["experiment"], []).append(row)
+    for experiment, group in by_experiment.items():
+        name = "(no experiment)" if experiment is None else f"`{experiment}`"
+        runs = sum(row["runs"] for row in group)
+        lines.append(f"### {name}")
+        lines.append("")
+        metric_names = sorted({row["metric_name"] for row in group})
+        lines.append(f"- metric: {', '.join(f'`{m}`' for m in metric_names)} (best over validation epochs)")
+        lines.append(f"- {runs} run(s) of {len(group)} method(s)")
+        base = next((row for row in group if row["method"] == "base"), None)
+        if base is None:
+            lines.append("- no `base` run: step time ratios are n/a")
+        elif base["median_step_time_s"] is not None:
+            lines.append(f"- base median step time: {1e3 * base['median_step_time_s']:.2f} ms")
+        all_seeds = sorted({seed for row in group for seed in row["seeds"]}, key=_seed_key)
+        lines.append(f"- seeds in this experiment: {_seed_list(all_seeds)}")
+        for row in group:
+            seeds = row["seeds"]
+            extra = []
+            missing = [seed for seed in all_seeds if seed not in seeds]
+            if missing:
+                extra.append(f"missing {_seed_list(missing)}")
+            repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=_seed_key)
+            if repeated:
+                extra.append(f"repeated {_seed_list(repeated)}")
+            suffix = f" ({'; '.join(extra)})" if extra else ""
+            lines.append(f"  - `{row['method_label']}`: seeds {_seed_list(seeds)}{suffix}")
+        devices = sorted({str(r["device"]) for r in records if r.get("experiment") == experiment and r.get("device")})
+        if devices:
+            lines.append(f"- device(s): {', '.join(devices)}")
+        lines.append("")
+    return lines
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write ``report.md``, ``accuracy_vs_time.png`` and the probability heatmaps of a sweep; return the report path.
+
+    ``report.md`` holds the title, the sweep path, the :func:`markdown_table`, links to the plots and per-experiment
+    notes (metric, base step time, which seeds each method ran, missing or repeated seeds, devices).
+    The heatmaps: for each experiment and each sampling method (a label with some ``probabilities.pt``), the run
+    of the first seed that has one, as ``<out_dir>/<experiment>/probabilities_<method_label>_seed<seed>.png``
+    (directly in ``out_dir`` for records without an experiment; one folder per experiment, since the same label and
+    seed usually run in every experiment). ``out_dir`` defaults to ``sweep_dir``.
+
+    Raises:
+        FileNotFoundError: as :func:`load_records`.
+    """
+    return _write_report(sweep_dir, out_dir)[0]
+
+
+def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, str]:
+    """:func:`write_report`, returning the report path and the markdown table."""
+    sweep = Path(sweep_dir)
+    records = load_records(sweep)
+    out = sweep if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    table = markdown_table(rows)
+    plot_accuracy_vs_time(rows, out / ACCURACY_PLOT_NAME)
+
+    heatmaps: list[tuple[str | None, str, Path]] = []
+    for row in rows:
+        if not row["has_probabilities"]:
+            continue
+        for run_dir, seed in zip(row["run_dirs"], row["seeds"], strict=True):
+            if run_dir is None:
+                continue
+            folder = out if row["experiment"] is None else out / _safe_name(row["experiment"])
+            target = folder / f"probabilities_{_safe_name(row['method_label'])}_seed{_safe_name(str(seed))}.png"
+            if plot_probability_heatmap(run_dir, target):
+                heatmaps.append((row["experiment"], row["method_label"], target))
+                break
+
+    lines = [
+        "# Sweep report",
+        "",
+        f"Sweep: `{sweep.resolve()}`",
+        "",
+        f"{len(records)} run record(s), {len(rows)} (experiment, method) group(s). The metric is each run's best "
+        "validation value (`best_metric`, higher is better): mean ± sample std over seeds. Step time is the mean of "
+        "the runs' median optimizer step times, relative to the `base` runs of the same experiment.",
+        "",
+        "## Results",
+        "",
+        table,
+        "## Metric vs step time",
+        "",
+        f"![metric vs step time]({ACCURACY_PLOT_NAME})",
+        "",
+    ]
+    if heatmaps:
+        lines += ["## Arm sampling probabilities", "", "First seed of each sampling method.", ""]
+        for experiment, label, target in heatmaps:
+            link = target.relative_to(out).as_posix()
+            name = "" if experiment is None else f"{experiment}: "
+            lines += [f"### {name}{label}", "", f"![{name}{label}]({link})", ""]
+    lines += ["## Notes", "", *_notes(rows, records)]
+    report = out / REPORT_NAME
+    report.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    return report, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``slsam-report SWEEP_DIR [--out DIR]``: write the report, print the table and the report path.
+
+    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record.
+    """
+    parser = argparse.ArgumentParser(
+        prog="slsam-report",
+        description="Summarise the result.json records of a Hydra sweep into report.md, a table and plots.",
+    )
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (records at any depth)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="where to write the report (default: SWEEP_DIR)")
+    args = parser.parse_args(argv)
+    try:
+        report, table = _write_report(args.sweep_dir, args.out)
+    except FileNotFoundError as error:
+        print(f"slsam-report: error: {error}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    print(f"\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,415 @@
+"""Tests of the sweep report (``lightning_slsam.report``) on a fabricated Hydra multirun directory.
+
+The expected numbers are recomputed here from the fabricated values with ``statistics.mean`` / ``statistics.stdev``
+and compared with :func:`summarize`'s rows and with the numbers parsed back from the markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_slsam.report import (
+    load_records,
+    main,
+    markdown_table,
+    plot_accuracy_vs_time,
+    plot_probability_heatmap,
+    summarize,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEEDS = (0, 1, 2)
+# experiment -> (metric name, {method_label: (method, seeds)}); `cifar_wrn` has no base run.
+SWEEP: dict[str, tuple[str, dict[str, tuple[str, tuple[int, ...]]]]] = {
+    "digits_resnet20": (
+        "val/acc",
+        {
+            "base": ("base", SEEDS),
+            "sam": ("sam", SEEDS),
+            "asam": ("asam", (0,)),  # one run: std 0
+            "looksam": ("looksam", SEEDS),
+            "slsam_s0.2": ("slsam", SEEDS),
+            "slsam_uniform_s0.2": ("slsam_uniform", SEEDS),
+            "zeta_custom": ("zeta_custom", SEEDS),
+        },
+    ),
+    "cifar_wrn": (
+        "val/mcc",
+        {
+            "sam": ("sam", SEEDS),
+            "slsam_s0.5": ("slsam", SEEDS),
+            "ssam_f": ("ssam_f", (1, 2)),
+        },
+    ),
+}
+SAMPLING = {"slsam", "slsam_uniform"}
+ARM_NAMES = ["stem.conv", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "head.fc"]
+EVERY = 5
+
+
+def fabricate_record(experiment: str, metric: str, label: str, method: str, seed: int, rng: random.Random) -> dict:
+    two_pass = method not in {"base"}
+    active = 1.0 if method in {"base", "sam", "asam", "looksam", "zeta_custom"} else rng.uniform(0.15, 0.35)
+    return {
+        "method": method,
+        "method_label": label,
+        "experiment": experiment,
+        "seed": seed,
+        "metric_name": metric,
+        "best_metric": rng.uniform(0.85, 0.97),
+        "final_metric": rng.uniform(0.80, 0.95),
+        "median_step_time_s": rng.uniform(0.010, 0.030),
+        "mean_step_time_s": rng.uniform(0.010, 0.035),
+        "peak_memory_mb": rng.uniform(50.0, 900.0),
+        "active_ratio": active,
+        "active_ratio_pass2": (active if two_pass else 0.0) * rng.uniform(0.8, 1.0),
+        "passes_per_step": rng.uniform(1.2, 2.0) if two_pass else 1.0,
+        "steps": 200,
+        "device": "cpu (2 threads)",
+        "config": {"method": {"name": method}, "seed": seed},
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """``multirun/<date>/<time>/<job>/...`` with records at two depths, in a shuffled job order."""
+    root = tmp_path_factory.mktemp("sweep") / "multirun" / "2025-01-02" / "10-11-12"
+    rng = random.Random(1234)
+    runs = [
+        (experiment, metric, label, method, seed)
+        for experiment, (metric, methods) in SWEEP.items()
+        for label, (method, seeds) in methods.items()
+        for seed in seeds
+    ]
+    rng.shuffle(runs)
+    records = []
+    for job, (experiment, metric, label, method, seed) in enumerate(runs):
+        run_dir = root / str(job) if job % 3 else root / str(job) / "outputs" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        record = fabricate_record(experiment, metric, label, method, seed, rng)
+        (run_dir / "result.json").write_text(json.dumps(record))
+        if method in SAMPLING:
+            logits = torch.randn(12, len(ARM_NAMES), generator=torch.Generator().manual_seed(job)).cumsum(0)
+            history = torch.softmax(logits, dim=1).to(torch.float32)
+            torch.save({"history": history, "every": EVERY, "arm_names": ARM_NAMES}, run_dir / "probabilities.pt")
+        records.append({**record, "run_dir": str(run_dir)})
+    (root / ".hydra").mkdir()
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root, records
+
+
+def expected_rows(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The summary recomputed with statistics.mean / stdev from the fabricated records."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["experiment"], record["method_label"]), []).append(record)
+    expected = {}
+    for (experiment, label), runs in groups.items():
+        base = [r["median_step_time_s"] for r in records if r["experiment"] == experiment and r["method"] == "base"]
+        step = statistics.mean(r["median_step_time_s"] for r in runs)
+        metric = [r["best_metric"] for r in runs]
+        expected[experiment, label] = {
+            "runs": len(runs),
+            "seeds": sorted(r["seed"] for r in runs),
+            "metric_mean": statistics.mean(metric),
+            "metric_std": statistics.stdev(metric) if len(metric) > 1 else 0.0,
+            "step_time_ratio": step / statistics.mean(base) if base else None,
+            "active_ratio": statistics.mean(r["active_ratio"] for r in runs),
+            "active_ratio_pass2": statistics.mean(r["active_ratio_pass2"] for r in runs),
+            "passes_per_step": statistics.mean(r["passes_per_step"] for r in runs),
+            "peak_memory_mb": statistics.mean(r["peak_memory_mb"] for r in runs),
+        }
+    return expected
+
+
+EXPECTED_ORDER = [
+    ("cifar_wrn", "sam"),
+    ("cifar_wrn", "ssam_f"),
+    ("cifar_wrn", "slsam_s0.5"),
+    ("digits_resnet20", "base"),
+    ("digits_resnet20", "sam"),
+    ("digits_resnet20", "asam"),
+    ("digits_resnet20", "looksam"),
+    ("digits_resnet20", "slsam_s0.2"),
+    ("digits_resnet20", "slsam_uniform_s0.2"),
+    ("digits_resnet20", "zeta_custom"),
+]
+
+
+def parse_table(markdown: str) -> list[list[str]]:
+    """The body cells of the first markdown table in ``markdown``."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert lines[1].replace("|", "").replace("-", "").replace(":", "").strip() == ""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_load_records_finds_every_nested_record(sweep: tuple[Path, list[dict]]) -> None:
+    root, records = sweep
+    loaded = load_records(root.parent.parent)  # from `multirun/`: two more levels
+    assert len(loaded) == len(records)
+    by_dir = {r["run_dir"]: r for r in loaded}
+    for record in records:
+        assert by_dir[record["run_dir"]] == record
+        assert (Path(record["run_dir"]) / "result.json").is_file()
+
+
+def test_summarize_matches_recomputed_statistics(sweep: tuple[Path, list[dict]]) -> None:
+    _, records = sweep
+    rows = summarize(records)
+    expected = expected_rows(records)
+    assert [(row["experiment"], row["method_label"]) for row in rows] == EXPECTED_ORDER
+    for row in rows:
+        want = expected[row["experiment"], row["method_label"]]
+        assert row["runs"] == want["runs"]
+        assert row["seeds"] == want["seeds"]
+        for key in ("metric_mean", "metric_std", "active_ratio", "active_ratio_pass2", "passes_per_step"):
+            assert row[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+        assert row["peak_memory_mb"] == pytest.approx(want["peak_memory_mb"], rel=1e-12)
+        if want["step_time_ratio"] is None:
+            assert row["step_time_ratio"] is None
+        else:
+            assert row["step_time_ratio"] == pytest.approx(want["step_time_ratio"], rel=1e-12)
+    base = rows[EXPECTED_ORDER.index(("digits_resnet20", "base"))]
+    assert base["step_time_ratio"] == pytest.approx(1.0)
+    asam = rows[EXPECTED_ORDER.index(("digits_resnet20", "asam"))]
+    assert asam["runs"] == 1 and asam["metric_std"] == 0.0
+    assert {row["method_label"] for row in rows if row["has_probabilities"]} == {
+        "slsam_s0.5",
+        "slsam_s0.2",
+        "slsam_uniform_s0.2",
+    }
+
+
+def test_markdown_table_numbers_equal_the_records(sweep: tuple[Path, list[dict]]) -> None:
+    _, records = sweep
+    table = markdown_table(summarize(records))
+    header = table.splitlines()[0]
+    assert header == (
+        "| experiment | method | runs | metric (mean ± std) | step time / base | active ratio (pass 1 / pass 2) "
+        "| passes/step | peak memory (MiB) |"
+    )
+    body = parse_table(table)
+    assert [(cells[0], cells[1]) for cells in body] == EXPECTED_ORDER
+    expected = expected_rows(records)
+    for experiment, label, runs, metric, ratio, active, passes, memory in body:
+        want = expected[experiment, label]
+        assert int(runs) == want["runs"]
+        name, mean_std = metric.split(" ", 1)  # two metric names in this sweep: each cell names its metric
+        assert name == SWEEP[experiment][0]
+        mean, std = (float(x) for x in mean_std.split(" ± "))
+        assert mean == pytest.approx(want["metric_mean"], abs=0.5e-4 + 1e-12)
+        assert std == pytest.approx(want["metric_std"], abs=0.5e-4 + 1e-12)
+        assert mean_std == f"{want['metric_mean']:.4f} ± {want['metric_std']:.4f}"
+        if want["step_time_ratio"] is None:
+            assert ratio == "n/a"
+        else:
+            assert ratio == f"{want['step_time_ratio']:.2f}x"
+        assert active == f"{want['active_ratio']:.3f} / {want['active_ratio_pass2']:.3f}"
+        assert float(passes) == pytest.approx(want["passes_per_step"], abs=0.5e-2 + 1e-12)
+        assert float(memory) == pytest.approx(want["peak_memory_mb"], abs=0.05 + 1e-9)
+
+
+def test_single_metric_header_and_missing_base(sweep: tuple[Path, list[dict]]) -> None:
+    _, records = sweep
+    cifar = [r for r in records if r["experiment"] == "cifar_wrn"]
+    table = markdown_table(summarize(cifar))
+    assert "| val/mcc (mean ± std) |" in table.splitlines()[0]
+    body = parse_table(table)
+    assert [cells[4] for cells in body] == ["n/a"] * 3
+    assert all(" ± " in cells[3] and not cells[3].startswith("val/") for cells in body)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["zzz", "slsam_uniform_s0.2", "slsam_s0.5", "rst", "slsam_s0.05", "base", "aaa", "ssam_d", "arsam", "asam"],
+        ["looksam", "lagnp", "ssam_f", "sam", "slsam_uniform_s0.1", "slsam_s0.2", "slsam", "mystery"],
+    ],
+)
+def test_method_order(labels: list[str]) -> None:
+    known = ["base", "sam", "asam", "ssam_f", "ssam_d", "lagnp", "arsam", "looksam", "rst"]
+
+    def method_of(label: str) -> str:
+        if label.startswith("slsam_uniform"):
+            return "slsam_uniform"
+        return "slsam" if label.startswith("slsam") else label
+
+    records = [
+        {"experiment": "e", "method": method_of(label), "method_label": label, "seed": 0, "best_metric": 0.5}
+        for label in labels
+    ]
+    order = [row["method_label"] for row in summarize(records)]
+    fixed = [label for label in known if label in labels]
+    slsam = sorted((lb for lb in labels if method_of(lb) == "slsam"), key=lambda lb: (lb != "slsam", lb))
+    if "slsam_s0.05" in slsam:  # numbers compare as numbers: 0.05 < 0.5
+        assert slsam.index("slsam_s0.05") < slsam.index("slsam_s0.5")
+    uniform = sorted(lb for lb in labels if method_of(lb) == "slsam_uniform")
+    others = sorted(lb for lb in labels if lb not in known and not lb.startswith("slsam"))
+    assert order == fixed + slsam + uniform + others
+
+
+def test_missing_base_everywhere_gives_na(tmp_path: Path) -> None:
+    records = [
+        {"experiment": "x", "method": "sam", "method_label": "sam", "seed": s, "best_metric": 0.9 + s / 100,
+         "median_step_time_s": 0.02, "metric_name": "val/f1"}
+        for s in range(2)
+    ]  # fmt: skip
+    rows = summarize(records)
+    assert rows[0]["step_time_ratio"] is None
+    assert rows[0]["active_ratio"] is None and rows[0]["peak_memory_mb"] is None  # absent keys: n/a, no crash
+    cells = parse_table(markdown_table(rows))[0]
+    assert cells[4] == "n/a" and cells[5] == "n/a / n/a" and cells[7] == "n/a"
+    path = plot_accuracy_vs_time(rows, tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_diverged_run_nan_metric(tmp_path: Path) -> None:
+    """``result.json`` holds NaN (json.dumps writes ``NaN``) for a diverged run: NaN mean/std, no crash."""
+    records = [
+        {"experiment": "x", "method": m, "method_label": m, "seed": s, "metric_name": "val/acc",
+         "best_metric": math.nan if (m, s) == ("sam", 1) else 0.5 + s / 10, "median_step_time_s": 0.01 * (1 + s)}
+        for m in ("base", "sam") for s in range(2)
+    ]  # fmt: skip
+    for i, record in enumerate(records):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "result.json").write_text(json.dumps(record))
+    rows = summarize(load_records(tmp_path))
+    assert rows[0]["metric_mean"] == pytest.approx(0.55) and rows[0]["metric_std"] == pytest.approx(0.0707106781)
+    assert math.isnan(rows[1]["metric_mean"]) and math.isnan(rows[1]["metric_std"])
+    assert rows[1]["step_time_ratio"] == pytest.approx(1.0)
+    assert parse_table(markdown_table(rows))[1][3] == "nan ± nan"
+    assert write_report(tmp_path).is_file()
+
+
+def test_write_report_files_and_contents(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    root, _ = sweep
+    out = tmp_path / "report"
+    report = write_report(root, out)
+    assert report == out / "report.md"
+    text = report.read_text()
+    assert text.startswith("# ")
+    assert str(root.resolve()) in text
+    # the table in the report is exactly markdown_table of the summary
+    assert markdown_table(summarize(load_records(root))) in text
+    plot = out / "accuracy_vs_time.png"
+    assert "](accuracy_vs_time.png)" in text
+    heatmaps = {
+        out / "digits_resnet20" / "probabilities_slsam_s0.2_seed0.png",
+        out / "digits_resnet20" / "probabilities_slsam_uniform_s0.2_seed0.png",
+        out / "cifar_wrn" / "probabilities_slsam_s0.5_seed0.png",
+    }
+    assert set(out.rglob("*.png")) == heatmaps | {plot}
+    for png in [plot, *heatmaps]:
+        data = png.read_bytes()
+        assert len(data) > 1000 and data[:8] == PNG_MAGIC, png
+        assert f"]({png.relative_to(out).as_posix()})" in text
+    # notes: which seeds ran, per experiment and method
+    assert "seeds in this experiment: 0, 1, 2" in text
+    assert "`asam`: seeds 0 (missing 1, 2)" in text
+    assert "`ssam_f`: seeds 1, 2 (missing 0)" in text
+    assert "`slsam_s0.2`: seeds 0, 1, 2\n" in text
+    assert "no `base` run" in text
+    # nothing was written into the sweep itself
+    assert not (root / "report.md").exists()
+
+
+def test_write_report_defaults_to_the_sweep_dir_and_is_rerunnable(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun" / "d" / "t"
+    rng = random.Random(0)
+    for job, (label, method) in enumerate([("base", "base"), ("slsam_s0.2", "slsam"), ("slsam_s0.2", "slsam")]):
+        run_dir = sweep / str(job)
+        run_dir.mkdir(parents=True)
+        record = fabricate_record("e", "val/acc", label, method, job, rng)
+        (run_dir / "result.json").write_text(json.dumps(record))
+    history = torch.full((4, 3), 1 / 3)
+    torch.save({"history": history, "every": 10, "arm_names": ["a", "b", "c"]}, sweep / "2" / "probabilities.pt")
+    first = write_report(sweep)
+    assert first == sweep / "report.md"
+    # the first seed *with* probabilities (seed 2; seed 1 has none)
+    assert (sweep / "e" / "probabilities_slsam_s0.2_seed2.png").is_file()
+    assert write_report(sweep).read_text() == first.read_text()
+    assert len(load_records(sweep)) == 3
+
+
+def test_probability_heatmap(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    _, records = sweep
+    sampling = next(r for r in records if r["method"] == "slsam")
+    plain = next(r for r in records if r["method"] == "sam")
+    assert plot_probability_heatmap(sampling["run_dir"], tmp_path / "p.png") is True
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+    assert plot_probability_heatmap(plain["run_dir"], tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+    # many arms: indices instead of names, still a figure
+    many = tmp_path / "many"
+    many.mkdir()
+    history = torch.softmax(torch.randn(30, 150), dim=1)
+    torch.save(
+        {"history": history, "every": 1, "arm_names": [f"arm{i}" for i in range(150)]}, many / "probabilities.pt"
+    )
+    assert plot_probability_heatmap(many, tmp_path / "many.png") is True
+    assert (tmp_path / "many.png").stat().st_size > 1000
+
+
+def test_no_records_is_an_error_naming_the_directory(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_sweep"
+    (empty / "0" / ".hydra").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="empty_sweep"):
+        load_records(empty)
+    with pytest.raises(FileNotFoundError, match="no_such_sweep"):
+        write_report(tmp_path / "no_such_sweep")
+
+
+def test_unreadable_record_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "0").mkdir()
+    (tmp_path / "1").mkdir()
+    (tmp_path / "0" / "result.json").write_text('{"method": "base", "seed": 0')  # truncated
+    (tmp_path / "1" / "result.json").write_text(json.dumps({"method": "base", "seed": 1, "best_metric": 0.5}))
+    with pytest.warns(UserWarning, match="skipping unreadable record"):
+        records = load_records(tmp_path)
+    assert [r["seed"] for r in records] == [1]
+
+
+def test_main_prints_table_and_report_path(
+    sweep: tuple[Path, list[dict]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, records = sweep
+    out = tmp_path / "cli"
+    assert main([str(root), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert markdown_table(summarize(records)) in stdout
+    assert str(out / "report.md") in stdout
+    assert (out / "report.md").is_file()
+
+
+def test_main_bad_directory_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing_sweep"
+    assert main([str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "slsam-report: error" in err and "missing_sweep" in err
+    assert main([str(tmp_path)]) == 2  # exists, holds no record
+    assert str(tmp_path) in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # usage error: argparse's own exit code 2
+        main([])
+    assert exit_info.value.code == 2
+
+
+def test_script_entry_point_exit_code(tmp_path: Path) -> None:
+    """``python lightning_slsam/report.py DIR`` (the ``__main__`` guard; the module imports only the standard
+    library at the top, so this runs without importing torch or lightning)."""
+    script = Path(__file__).resolve().parents[1] / "lightning_slsam" / "report.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr
