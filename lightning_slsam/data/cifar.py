@@ -1,0 +1,249 @@
+"""CIFAR-10 / CIFAR-100 from the official "python version" files (torchvision's on-disk layout).
+
+The pickled batches are read directly (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``;
+``cifar-100-python/train``, ``test``), so a copy made elsewhere, or a small stand-in with the same layout, loads
+without torchvision's md5 check; ``verify=True`` runs that check. ``download=True`` fetches the archive with
+torchvision in ``prepare_data`` (needs a network).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+CIFAR_SIZE = 32
+
+
+@dataclass(frozen=True)
+class CIFARLayout:
+    """Where one CIFAR variant's files lie and how its labels are keyed."""
+
+    num_classes: int
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+
+
+CIFAR_LAYOUTS: dict[str, CIFARLayout] = {
+    "cifar10": CIFARLayout(
+        10, "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels"
+    ),
+    "cifar100": CIFARLayout(100, "cifar-100-python", ("train",), ("test",), "fine_labels"),
+}
+
+#: input normalisations (mean, std per RGB channel)
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    # what akamaster's pretrained ResNet-20 (../shared/data/weights/resnet20_cifar10.th) and torchvision expect
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # CIFAR-10's training-set statistics
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # timm's augreg ViT weights
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def _field(batch: dict[Any, Any], key: str) -> Any:
+    """A field of an unpickled batch, whose keys are ``str`` or ``bytes`` depending on how it was written."""
+    if key in batch:
+        return batch[key]
+    return batch[key.encode()]
+
+
+def load_cifar_split(folder: Path, files: tuple[str, ...], label_key: str) -> tuple[Tensor, Tensor]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 from pickled CIFAR batches."""
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for name in files:
+        with (folder / name).open("rb") as handle:
+            batch = pickle.load(handle, encoding="latin1")
+        images.append(np.asarray(_field(batch, "data"), dtype=np.uint8).reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE))
+        labels.append(np.asarray(_field(batch, label_key), dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+class CIFARImages(Dataset):
+    """uint8 images with labels; items are ``(transform(image), label)``."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: v2.Transform) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class CIFARDataModule(pl.LightningDataModule):
+    """CIFAR-10 or CIFAR-100 images as normalised float tensors ``(batch, 3, image_size, image_size)``.
+
+    Args:
+        root: the folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` (or that folder itself).
+        name: ``"cifar10"`` (default) or ``"cifar100"``.
+        download: fetch the files into ``root`` with torchvision when missing (network; default False).
+        batch_size: images per training batch (default 128); validation and test use twice as many.
+        num_workers: DataLoader worker processes (default 0).
+        image_size: side in pixels; images are resized (bilinear, antialiased) when not 32 (default 32; e.g. 224
+            for an ImageNet-sized ViT).
+        augment: random crop (32 px, 4 px zero padding) and horizontal flip of training images (default True).
+        val_fraction: share of the 50,000 training images held out (unaugmented) for validation, in [0, 1); 0
+            (default) validates on the 10,000 test images, as is usual on CIFAR.
+        normalize: ``"imagenet"`` (default; the mean/std the bundled ResNet-20 weights were trained with),
+            ``"cifar"`` (CIFAR-10's statistics) or ``"half"`` (0.5 / 0.5, timm's ViT weights).
+        train_limit: keep only this many training images, drawn at random with ``seed`` (None = all).
+        seed: the held-out split, subset and shuffling seed (default 0).
+        verify: check the files' md5 against the official release (default False; stand-in files then fail).
+
+    Raises:
+        FileNotFoundError: the files are not under ``root`` and ``download`` is False.
+        ValueError: a bad argument (naming it).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        name: str = "cifar10",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        image_size: int = 32,
+        augment: bool = True,
+        val_fraction: float = 0.0,
+        normalize: str = "imagenet",
+        train_limit: int | None = None,
+        seed: int = 0,
+        verify: bool = False,
+    ) -> None:
+        super().__init__()
+        if name not in CIFAR_LAYOUTS:
+            raise ValueError(f"name: expected one of {', '.join(CIFAR_LAYOUTS)}, got {name!r}")
+        if not isinstance(root, (str, Path)) or not str(root):
+            raise ValueError(f"root: expected a folder path, got {root!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
+        if not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"num_workers: must be an int >= 0, got {num_workers!r}")
+        if not (isinstance(image_size, int) and image_size >= 1):
+            raise ValueError(f"image_size: must be an int >= 1, got {image_size!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must lie in [0, 1), got {val_fraction!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize: expected one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        bad_limit = isinstance(train_limit, bool) or not isinstance(train_limit, int) or train_limit < 1
+        if train_limit is not None and bad_limit:
+            raise ValueError(f"train_limit: must be an int >= 1 or None, got {train_limit!r}")
+        self.name = name
+        self.layout = CIFAR_LAYOUTS[name]
+        self.num_classes = self.layout.num_classes
+        self.root = str(root)
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.augment = augment
+        self.val_fraction = val_fraction
+        self.normalize = normalize
+        self.train_limit = train_limit
+        self.seed = seed
+        self.verify = verify
+        self.train_set: CIFARImages | None = None
+        self.val_set: CIFARImages | None = None
+        self.test_set: CIFARImages | None = None
+        if not download:
+            self.data_folder()  # raises FileNotFoundError now, before any training
+
+    def data_folder(self) -> Path:
+        """The folder with the pickled batches: ``root/<folder>``, or ``root`` itself when it is that folder."""
+        root = Path(self.root).expanduser()
+        files = self.layout.train_files + self.layout.test_files
+        for candidate in (root / self.layout.folder, root):
+            if all((candidate / file).is_file() for file in files):
+                return candidate
+        raise FileNotFoundError(
+            f"root: no {self.name} files under {self.root!r} (expected {self.layout.folder}/ with "
+            f"{', '.join(files)}); pass data.download=true (download=True) to fetch them (needs a network), "
+            f"or point data.root at a folder holding {self.layout.folder}"
+        )
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        from torchvision import datasets
+
+        dataset_class = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
+        for train in (True, False):
+            dataset_class(self.root, train=train, download=True)
+
+    def _check_md5(self, folder: Path) -> None:
+        from torchvision import datasets
+        from torchvision.datasets.utils import check_integrity
+
+        dataset_class = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
+        for file, md5 in dataset_class.train_list + dataset_class.test_list:
+            if not check_integrity(str(folder / file), md5):
+                raise ValueError(f"root: {folder / file} does not match the official {self.name} release (md5)")
+
+    def transform(self, train: bool) -> v2.Transform:
+        """uint8 image -> normalised float image: (augmentation,) resize, scale to [0, 1], normalise."""
+        steps: list[v2.Transform] = []
+        if train and self.augment:
+            steps += [v2.RandomCrop(CIFAR_SIZE, padding=4), v2.RandomHorizontalFlip()]
+        if self.image_size != CIFAR_SIZE:
+            steps.append(v2.Resize(self.image_size, antialias=True))
+        mean, std = NORMALIZATIONS[self.normalize]
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        return v2.Compose(steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        folder = self.data_folder()
+        if self.verify:
+            self._check_md5(folder)
+        images, labels = load_cifar_split(folder, self.layout.train_files, self.layout.label_key)
+        test_images, test_labels = load_cifar_split(folder, self.layout.test_files, self.layout.label_key)
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(labels), generator=generator)
+        num_val = round(len(labels) * self.val_fraction)
+        val_idx, train_idx = order[:num_val], order[num_val:]
+        if self.train_limit is not None:
+            train_idx = train_idx[: self.train_limit]
+        train_idx, val_idx = train_idx.sort().values, val_idx.sort().values  # file order; the loader shuffles
+        self.train_set = CIFARImages(images[train_idx], labels[train_idx], self.transform(train=True))
+        self.test_set = CIFARImages(test_images, test_labels, self.transform(train=False))
+        if num_val:
+            self.val_set = CIFARImages(images[val_idx], labels[val_idx], self.transform(train=False))
+        else:
+            self.val_set = self.test_set
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return DataLoader(self.val_set, batch_size=2 * self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup() first"
+        return DataLoader(self.test_set, batch_size=2 * self.batch_size, num_workers=self.num_workers)

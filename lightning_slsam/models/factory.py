@@ -1,0 +1,69 @@
+"""``image_classifier``: one constructor for every image network of the configs' ``model`` group.
+
+Lets a config (or a command line) say ``model.arch=resnet20_cifar model.weights=<path>`` without knowing
+how each network is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from lightning_slsam.models.classifier import Classifier
+
+ARCHES = ("resnet20_cifar", "resnet18", "resnet50", "vit_tiny", "vit_small", "deit_small")
+
+
+def build_network(
+    arch: str,
+    num_classes: int,
+    weights: str | None = None,
+    pretrained: bool = False,
+    image_size: int = 224,
+    patch_size: int = 16,
+) -> nn.Module:
+    """The network ``arch`` with a ``num_classes`` head.
+
+    Args:
+        arch: one of ``resnet20_cifar`` (ours, 32x32 inputs), ``resnet18``, ``resnet50`` (torchvision),
+            ``vit_tiny``, ``vit_small``, ``deit_small``.
+        num_classes: outputs.
+        weights: ``resnet20_cifar`` only: a checkpoint file with matching names (e.g. the CIFAR-10 one).
+        pretrained: torchvision / timm pretrained weights (needs a network the first time).
+        image_size, patch_size: ViT input side and patch side, in pixels.
+    """
+    if arch not in ARCHES:
+        raise ValueError(f"arch: unknown network {arch!r}; expected one of {', '.join(ARCHES)}")
+    if weights is not None and arch != "resnet20_cifar":
+        raise ValueError(f"weights: a checkpoint file is supported for resnet20_cifar only (arch={arch!r})")
+    if arch == "resnet20_cifar":
+        if pretrained:
+            raise ValueError("pretrained: resnet20_cifar has no hub weights; pass a checkpoint file in weights")
+        from lightning_slsam.models.resnet_cifar import resnet20_cifar
+
+        return resnet20_cifar(num_classes=num_classes, weights=weights)
+    if arch.startswith("resnet"):
+        from lightning_slsam.models.vision import torchvision_resnet
+
+        return torchvision_resnet(arch, num_classes=num_classes, pretrained=pretrained)
+    from lightning_slsam.models.vision import vit
+
+    return vit(arch, num_classes=num_classes, image_size=image_size, patch_size=patch_size, pretrained=pretrained)
+
+
+def image_classifier(
+    arch: str,
+    num_classes: int,
+    weights: str | None = None,
+    pretrained: bool = False,
+    image_size: int = 224,
+    patch_size: int = 16,
+    optimizer: Callable[..., Any] | None = None,
+    scheduler: Callable[..., Any] | None = None,
+) -> Classifier:
+    """A :class:`Classifier` LightningModule around :func:`build_network` (same arguments), with the
+    optimizer and scheduler factories of the ``optimizer`` and ``scheduler`` config groups."""
+    net = build_network(arch, num_classes, weights, pretrained, image_size, patch_size)
+    return Classifier(net, num_classes=num_classes, optimizer=optimizer, scheduler=scheduler)

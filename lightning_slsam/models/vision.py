@@ -1,0 +1,155 @@
+"""Image networks for the configs: torchvision ResNets and Vision Transformers at the standard sizes.
+
+Nothing downloads unless ``pretrained=True`` is asked for (torchvision's weights for ResNets, timm's for ViTs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torchvision
+from torch import nn
+from torchvision.models import VisionTransformer
+
+from lightning_slsam.models.timm_vit_weights import (
+    TIMM_PATCH_SIZE,
+    TIMM_VIT_MODELS,
+    rename_timm_vit,
+    resize_position_embedding,
+    timm_vit_state_dict,
+)
+
+TORCHVISION_RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The size of a Vision Transformer: blocks, attention heads, token width and MLP width."""
+
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+
+
+#: standard ViT sizes (Touvron et al. 2021 / Steiner et al. 2021); DeiT-S is ViT-S's shape
+VIT_SHAPES: dict[str, ViTShape] = {
+    "vit_tiny": ViTShape(num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768),
+    "vit_small": ViTShape(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536),
+    "deit_small": ViTShape(num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536),
+}
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f"num_classes: must be an int >= 1, got {num_classes!r}")
+
+
+def torchvision_resnet(
+    name: str = "resnet18", num_classes: int = 1000, pretrained: bool = False, small_input: bool = False
+) -> nn.Module:
+    """A torchvision ResNet with a ``num_classes`` head.
+
+    Args:
+        name: ``"resnet18"`` (default), ``"resnet34"``, ``"resnet50"``, ``"resnet101"`` or ``"resnet152"``.
+        num_classes: outputs of the ``fc`` head (default 1000).
+        pretrained: load torchvision's ImageNet weights (``weights="DEFAULT"``; downloads to ``TORCH_HOME`` on first
+            use, so it needs a network once). With ``num_classes != 1000`` the ``fc`` head is new (random).
+            Default False: random weights, no download.
+        small_input: replace the 7x7 stride-2 stem and its max-pool by a 3x3 stride-1 convolution, the usual
+            change for 32x32 images (that stem is random even when pretrained). Default False.
+    """
+    if name not in TORCHVISION_RESNETS:
+        raise ValueError(f"name: expected one of {', '.join(TORCHVISION_RESNETS)}, got {name!r}")
+    _check_num_classes(num_classes)
+    builder = getattr(torchvision.models, name)
+    if pretrained:
+        model = builder(weights="DEFAULT")
+        if num_classes != IMAGENET_CLASSES:
+            model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        model = builder(weights=None, num_classes=num_classes)
+    if small_input:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
+
+
+def vit(
+    name: str = "vit_small",
+    num_classes: int = 1000,
+    image_size: int = 224,
+    patch_size: int = 16,
+    pretrained: bool = False,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+) -> VisionTransformer:
+    """A torchvision ``VisionTransformer`` of a standard size.
+
+    Sizes (blocks / heads / width / MLP width): ``"vit_tiny"`` 12 / 3 / 192 / 768 (5.7M parameters at 224 px,
+    patch 16, 1000 classes); ``"vit_small"`` and ``"deit_small"`` 12 / 6 / 384 / 1536 (22.05M, of which 21.67M
+    without the head).
+
+    Args:
+        name: ``"vit_tiny"``, ``"vit_small"`` (default) or ``"deit_small"``.
+        num_classes: outputs of the ``heads.head`` linear layer (default 1000).
+        image_size: input side in pixels (default 224); a multiple of ``patch_size``.
+        patch_size: patch side in pixels (default 16).
+        pretrained: load timm's ImageNet-1k weights (``vit_tiny_patch16_224``, ``vit_small_patch16_224``,
+            ``deit_small_patch16_224``; needs ``pip install timm`` and a network once). Requires ``patch_size=16``;
+            other image sizes get the position embedding resampled (bicubic); with ``num_classes != 1000`` the
+            head stays newly initialised (zeros, torchvision's init). timm's ViT weights expect inputs normalised
+            with mean = std = 0.5, DeiT's with the ImageNet mean/std. Default False: random weights, no download.
+        dropout: dropout rate in the MLPs and after the embedding (default 0).
+        attention_dropout: dropout rate on the attention weights (default 0).
+
+    Raises:
+        ValueError: an unknown ``name``, or sizes that do not fit (naming the argument).
+        ImportError: ``pretrained=True`` without timm installed.
+    """
+    if name not in VIT_SHAPES:
+        raise ValueError(f"name: expected one of {', '.join(VIT_SHAPES)}, got {name!r}")
+    _check_num_classes(num_classes)
+    if not (isinstance(patch_size, int) and patch_size >= 1):
+        raise ValueError(f"patch_size: must be an int >= 1, got {patch_size!r}")
+    if not (isinstance(image_size, int) and image_size >= patch_size and image_size % patch_size == 0):
+        raise ValueError(f"image_size: must be a positive multiple of patch_size={patch_size}, got {image_size!r}")
+    for key, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{key}: must lie in [0, 1), got {rate!r}")
+    if pretrained and patch_size != TIMM_PATCH_SIZE:
+        raise ValueError(f"patch_size: the pretrained weights use patches of {TIMM_PATCH_SIZE}, got {patch_size}")
+    shape = VIT_SHAPES[name]
+    model = VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        hidden_dim=shape.hidden_dim,
+        mlp_dim=shape.mlp_dim,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        num_classes=num_classes,
+    )
+    if pretrained:
+        load_timm_vit_weights(model, name)
+    return model
+
+
+def load_timm_vit_weights(model: VisionTransformer, name: str) -> None:
+    """Load timm's pretrained ``name`` weights into ``model`` (same shape), adapting the grid and the head."""
+    state = rename_timm_vit(timm_vit_state_dict(name))
+    grid_size = model.image_size // model.patch_size
+    state["encoder.pos_embedding"] = resize_position_embedding(state["encoder.pos_embedding"], grid_size)
+    head_keys = {"heads.head.weight", "heads.head.bias"}
+    if model.heads.head.out_features != IMAGENET_CLASSES:
+        state = {key: value for key, value in state.items() if key not in head_keys}
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - head_keys
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"pretrained: timm's {TIMM_VIT_MODELS[name]} does not fit {name}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
