@@ -97,3 +97,34 @@ def make_trainer() -> Callable[..., L.Trainer]:
         return L.Trainer(callbacks=list(callbacks), **options)
 
     return factory
+
+
+# --- Hydra: compose the real config, then shrink it for CPU (lightning-hydra-template style) -------------
+SHRINK = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "save_checkpoints=false",
+]
+
+
+def compose_config(overrides: list[str], output_dir: str | None = None):
+    """The real ``slsam-train`` config with ``overrides``, with HydraConfig set so that ``${hydra:...}`` resolves."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import lightning_slsam.cli  # noqa: F401 - registers the schemas and resolvers
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="lightning_slsam.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = output_dir
+    HydraConfig.instance().set_config(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Hydra configs of slsam-train (a package so that Hydra finds them inside the installed wheel)."""

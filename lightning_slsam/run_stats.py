@@ -1,0 +1,84 @@
+"""Measurements of one training run for its results record: step time, peak memory, best metric."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+class RunStats(pl.Callback):
+    """Wall time of each optimizer step, peak memory and the best value of a validation metric.
+
+    Args:
+        metric: the logged validation metric to track, higher is better (default ``val/acc``).
+        warmup_steps: optimizer steps left out of the timing (default 2: first-call overheads).
+
+    Step time covers ``on_train_batch_start`` to ``on_train_batch_end`` of batches that ended with an
+    optimizer step (with accumulation, the buffered micro-batches' time is added to their step), with a
+    CUDA synchronisation at both ends on a GPU. Peak memory is CUDA's max allocated (MiB) on a GPU, else
+    the growth of the process's peak RSS during fit (MiB).
+    """
+
+    def __init__(self, metric: str = "val/acc", warmup_steps: int = 2) -> None:
+        self.metric = metric
+        self.warmup_steps = warmup_steps
+        self.step_times: list[float] = []
+        self.best = float("-inf")
+        self.last = float("nan")
+        self._pending = 0.0
+        self._start = 0.0
+        self._rss_start = 0.0
+        self.peak_memory_mb = 0.0
+
+    def _sync(self, trainer: pl.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rss_start = _peak_rss_mb()
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self._start = time.perf_counter()
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self._pending += time.perf_counter() - self._start
+        if trainer.global_step > self._step_before:  # this batch ended an optimizer step
+            if trainer.global_step > self.warmup_steps:
+                self.step_times.append(self._pending)
+            self._pending = 0.0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        self.last = float(trainer.callback_metrics[self.metric])
+        self.best = max(self.best, self.last)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            self.peak_memory_mb = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20
+        else:
+            self.peak_memory_mb = max(0.0, _peak_rss_mb() - self._rss_start)
+
+    @property
+    def median_step_time_s(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+    @property
+    def mean_step_time_s(self) -> float:
+        return statistics.fmean(self.step_times) if self.step_times else float("nan")
