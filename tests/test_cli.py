@@ -159,3 +159,20 @@ def test_multirun_then_report(tmp_path: Path) -> None:
     text = (sweep / "report.md").read_text()
     assert "base" in text and "slsam" in text
     assert (sweep / "accuracy_vs_time.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_optuna_sweeper(tmp_path: Path) -> None:
+    """``hydra/sweeper=optuna`` runs trials and returns the best metric to the sweeper."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    if not WEIGHTS.is_file():
+        pytest.skip(f"no pretrained weights at {WEIGHTS}")
+    sweep = tmp_path / "optuna"
+    command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2"]
+    command += ["hydra.sweeper.direction=maximize", "+hydra.sweeper.params.rho='interval(0.01,0.1)'", *SHRINK]
+    command += ["data.train_limit=64", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in summary and "rho" in summary
+    assert len(list(sweep.rglob("result.json"))) == 2

@@ -79,23 +79,23 @@ def test_resnet20_new_class_count_reinitialises_only_the_head() -> None:
 
 
 def test_resnet20_random_weights_on_digits() -> None:
-    data = DigitsDataModule(batch_size=8, image_size=32, channels=3)
+    data = DigitsDataModule(batch_size=4, image_size=32, channels=3)
     data.setup()
     images, labels = next(iter(data.train_dataloader()))
     model = resnet20_cifar(num_classes=10)
     logits = model(images)
-    assert logits.shape == (8, 10)
+    assert logits.shape == (4, 10)
     nn.functional.cross_entropy(logits, labels).backward()
     assert model.conv1.weight.grad is not None
 
 
 def test_resnet20_classifier_trains_with_sam_on_digits(make_trainer: Any) -> None:
     torch.manual_seed(0)
-    data = DigitsDataModule(batch_size=16, image_size=32, channels=3, train_limit=32)
+    data = DigitsDataModule(batch_size=4, image_size=16, channels=3, train_limit=8)
     model = Classifier(resnet20_cifar(num_classes=10), num_classes=10)
-    trainer = make_trainer(callbacks=[SAM(rho=0.05)], max_steps=2, limit_val_batches=1)
+    trainer = make_trainer(callbacks=[SAM(rho=0.05)], max_steps=2, limit_val_batches=0)
     trainer.fit(model, datamodule=data)
-    assert trainer.global_step == 2 and {"val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert trainer.global_step == 2 and "train/sharpness" in trainer.callback_metrics
 
 
 def test_resnet20_missing_weights_file_names_the_argument(tmp_path: Path) -> None:

@@ -30,12 +30,30 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in ci
 
 
-def test_main_job_runs_shrunk(tmp_path: Path) -> None:
-    """The main job's script, one epoch and one seed, prints its table and writes its records."""
-    script = _readme_commands()[0].split("&& .venv/bin/python ")[-1]
+def test_main_job_is_slsam_train_on_the_offline_default() -> None:
+    """The main command runs slsam-train with no overrides: the offline default experiment (it runs end to end,
+    shrunk, in tests/test_cli.py::test_default_experiment_runs_end_to_end)."""
+    main = _readme_commands()[0]
+    assert main.endswith("&& .venv/bin/slsam-train")
+    assert 'slsam-train = "lightning_slsam.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    config = (ROOT / "conf" / "config.yaml").read_text()
+    assert "- experiment: digits_resnet20" in config
+
+
+def test_quickstart_script_runs_shrunk(tmp_path: Path) -> None:
+    """experiments/digits_quickstart.py (the comparison without Hydra), one epoch and one seed."""
     out = tmp_path / "records.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), "--epochs", "1", "--seeds", "0", "--json", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "digits_quickstart.py"),
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,8 +53,9 @@ class Classifier(SharpnessAwareMixin, pl.LightningModule):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net: expected an nn.Module, got {type(net).__name__}")
-        if not (isinstance(num_classes, int) and num_classes >= 2):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
             raise ValueError(f"num_classes: must be an int >= 2, got {num_classes!r}")
+        num_classes = int(num_classes)
         check_factories(optimizer, scheduler, scheduler_interval)
         self.net = net
         self.num_classes = num_classes
