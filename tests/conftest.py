@@ -81,22 +81,58 @@ def make_module() -> Callable[..., TinyNet]:
 @pytest.fixture
 def make_trainer() -> Callable[..., L.Trainer]:
     """Factory of a quiet, deterministic CPU Trainer: ``make_trainer(callbacks=(...), max_steps=3, **overrides)``."""
+    return quiet_trainer
 
-    def factory(callbacks: Sequence[L.Callback] = (), max_steps: int = 3, **overrides: Any) -> L.Trainer:
-        options: dict[str, Any] = {
-            "max_steps": max_steps,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "accelerator": "cpu",
-            "devices": 1,
-            "deterministic": True,
-        }
-        options.update(overrides)
-        return L.Trainer(callbacks=list(callbacks), **options)
 
-    return factory
+# --- comparisons and probes shared by the step tests -----------------------------------------------------
+def snapshot(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of every parameter, by name."""
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def assert_models_close(actual: nn.Module, expected: nn.Module, **tolerance: float) -> None:
+    """``assert_close`` on every parameter, naming the first that differs."""
+    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
+    assert got.keys() == want.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], msg=lambda m, name=name: f"{name}: {m}", **tolerance)
+
+
+def assert_models_equal(actual: nn.Module, expected: nn.Module) -> None:
+    """Bitwise equality of every parameter, reporting the largest difference of those that differ."""
+    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
+    assert got.keys() == want.keys()
+    differing = {n: float((got[n] - want[n]).detach().abs().max()) for n in got if not torch.equal(got[n], want[n])}
+    assert not differing, f"not bitwise equal (max abs difference per tensor): {differing}"
+
+
+def record_compute_loss(module: nn.Module) -> list[dict[str, Tensor]]:
+    """Wrap ``module.compute_loss`` so that every call records the parameter values it ran at."""
+    calls: list[dict[str, Tensor]] = []
+    original = module.compute_loss
+
+    def recording(batch: Any) -> Tensor:
+        calls.append(snapshot(module))
+        return original(batch)
+
+    module.compute_loss = recording
+    return calls
+
+
+def quiet_trainer(callbacks: Sequence[L.Callback] = (), max_steps: int = 3, **overrides: Any) -> L.Trainer:
+    """A quiet, deterministic CPU Trainer."""
+    options: dict[str, Any] = {
+        "max_steps": max_steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "devices": 1,
+        "deterministic": True,
+    }
+    options.update(overrides)
+    return L.Trainer(callbacks=list(callbacks), **options)
 
 
 # --- Hydra: compose the real config, then shrink it for CPU (lightning-hydra-template style) -------------

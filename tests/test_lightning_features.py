@@ -17,7 +17,16 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BATCH_SIZE, TinyNet, make_dataset
+from conftest import (
+    BATCH_SIZE,
+    TinyNet,
+    assert_models_close,
+    assert_models_equal,
+    make_dataset,
+    quiet_trainer,
+    record_compute_loss,
+    snapshot,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
@@ -34,59 +43,12 @@ RHO = 0.2
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-def snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
-
-
 def optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Tensor] | None]:
     """The optimizer's per-parameter state by parameter name (None where it holds none), cloned."""
     return {
         name: ({k: v.clone() for k, v in optimizer.state[p].items()} if p in optimizer.state else None)
         for name, p in module.named_parameters()
     }
-
-
-def assert_models_close(actual: nn.Module, expected: nn.Module, **tolerance: float) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    assert got.keys() == want.keys()
-    for name in got:
-        torch.testing.assert_close(got[name], want[name], msg=lambda m, name=name: f"{name}: {m}", **tolerance)
-
-
-def assert_models_equal(actual: nn.Module, expected: nn.Module) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    assert got.keys() == want.keys()
-    differing = {n: float((got[n] - want[n]).abs().max()) for n in got if not torch.equal(got[n], want[n])}
-    assert not differing, f"not bitwise equal (max abs difference per tensor): {differing}"
-
-
-def record_compute_loss(module: nn.Module) -> list[dict[str, Tensor]]:
-    """Wrap ``module.compute_loss`` so that every call records the parameter values it ran at."""
-    calls: list[dict[str, Tensor]] = []
-    original = module.compute_loss
-
-    def recording(batch: Any) -> Tensor:
-        calls.append(snapshot(module))
-        return original(batch)
-
-    module.compute_loss = recording
-    return calls
-
-
-def quiet_trainer(callbacks: Sequence[L.Callback] = (), max_steps: int = 3, **overrides: Any) -> L.Trainer:
-    """As conftest's ``make_trainer``: a quiet, deterministic CPU Trainer."""
-    options: dict[str, Any] = {
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-        "deterministic": True,
-    }
-    options.update(overrides)
-    return L.Trainer(callbacks=list(callbacks), **options)
 
 
 def loader(n: int = 96, batch_size: int = BATCH_SIZE, **kwargs: Any) -> DataLoader:

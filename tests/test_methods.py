@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BATCH_SIZE, TinyNet, make_dataset
+from conftest import BATCH_SIZE, TinyNet, assert_models_equal, make_dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -44,13 +44,6 @@ def assert_models_close(actual: nn.Module, expected: nn.Module) -> None:
     assert got.keys() == want.keys()
     for name in got:
         torch.testing.assert_close(got[name], want[name], msg=lambda m, name=name: f"{name}: {m}", **TOLERANCE)
-
-
-def assert_models_equal(actual: nn.Module, expected: nn.Module) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    assert got.keys() == want.keys()
-    differing = {n: float((got[n] - want[n]).abs().max().detach()) for n in got if not torch.equal(got[n], want[n])}
-    assert not differing, f"not bitwise equal (max abs difference per tensor): {differing}"
 
 
 def models_close(a: nn.Module, b: nn.Module) -> bool:

@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet
+from conftest import TinyNet, assert_models_close, assert_models_equal, snapshot
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -56,10 +56,6 @@ class _SSAMD(SharpnessAware):
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-def snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
-
-
 def masks_by_name(callback: SharpnessAware) -> dict[str, Tensor]:
     """The method's mask of each parameter, by the name inside ``module.model`` (``0.weight``)."""
     method, layout = callback.method, callback.layout
@@ -78,19 +74,6 @@ def unflat(vector: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
         out[name] = vector[start : start + t.numel()].view(t.shape).clone()
         start += t.numel()
     return out
-
-
-def assert_models_close(actual: nn.Module, expected: nn.Module, **tolerance: float) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    assert got.keys() == want.keys()
-    for name in got:
-        torch.testing.assert_close(got[name], want[name], msg=lambda m, name=name: f"{name}: {m}", **tolerance)
-
-
-def assert_models_equal(actual: nn.Module, expected: nn.Module) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    differing = {n: float((got[n] - want[n]).detach().abs().max()) for n in got if not torch.equal(got[n], want[n])}
-    assert not differing, f"not bitwise equal (max abs difference per tensor): {differing}"
 
 
 def samples(loader: DataLoader, n: int) -> tuple[Tensor, Tensor]:

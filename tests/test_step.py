@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_models_close, assert_models_equal, record_compute_loss, snapshot
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -52,10 +53,6 @@ def take(loader: DataLoader, k: int) -> list[Any]:
     return batches
 
 
-def snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {name: p.detach().clone() for name, p in module.named_parameters()}
-
-
 def model_names(names: Sequence[str]) -> list[str]:
     """LightningModule parameter names (``model.0.weight``) to names inside ``module.model`` (``0.weight``)."""
     return [name.removeprefix(PREFIX) for name in names]
@@ -70,35 +67,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict
     }
 
 
-def assert_models_close(actual: nn.Module, expected: nn.Module, **tolerance: float) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    assert got.keys() == want.keys()
-    for name in got:
-        torch.testing.assert_close(got[name], want[name], msg=lambda m, name=name: f"{name}: {m}", **tolerance)
-
-
 def models_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-
-
-def assert_models_equal(actual: nn.Module, expected: nn.Module) -> None:
-    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
-    assert got.keys() == want.keys()
-    differing = {n: float((got[n] - want[n]).abs().max()) for n in got if not torch.equal(got[n], want[n])}
-    assert not differing, f"not bitwise equal (max abs difference per tensor): {differing}"
-
-
-def record_compute_loss(module: nn.Module) -> list[dict[str, Tensor]]:
-    """Wrap ``module.compute_loss`` so that every call records the parameter values it ran at."""
-    calls: list[dict[str, Tensor]] = []
-    original = module.compute_loss
-
-    def recording(batch: Any) -> Tensor:
-        calls.append(snapshot(module))
-        return original(batch)
-
-    module.compute_loss = recording
-    return calls
 
 
 class Probe(L.Callback):
