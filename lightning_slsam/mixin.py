@@ -102,6 +102,10 @@ class SharpnessAwareMixin:
         optimizer = module.optimizers()
         scaler = _grad_scaler(module)
 
+        # optimizer.zero_grad clears only the optimizer's parameters; a trainable parameter outside it must not
+        # carry a stale gradient into this step's norms
+        for p in layout.params:
+            p.grad = None
         active1 = method.pass1_arms()
         callback.check_arms(active1)
         _set_requires_grad(layout, active1)

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_models_close, assert_models_equal, record_compute_loss, snapshot
+from conftest import TinyNet, assert_models_close, assert_models_equal, record_compute_loss, snapshot
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -574,3 +574,21 @@ def test_short_fit_trains(make_module, make_trainer, tiny_loader, make_callback)
         assert bool(((probs > 0) & (probs <= 1)).all())
     else:
         assert probs is None
+
+
+def test_parameters_outside_the_optimizer_carry_no_stale_gradient(tiny_loader, make_trainer) -> None:
+    """A trainable parameter the optimizer does not own gets a fresh gradient each step, never an accumulated one."""
+    seen: list[Tensor] = []
+
+    class HeadOnly(TinyNet):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model[-1].parameters(), lr=1e-2)
+
+        def compute_loss(self, batch):
+            first = self.model[0].weight
+            if first.grad is not None:
+                seen.append(first.grad.clone())
+            return super().compute_loss(batch)
+
+    make_trainer(callbacks=[SAM(rho=0.05)], max_steps=3).fit(HeadOnly(), tiny_loader)
+    assert not seen, "the first layer entered a step with a gradient left from an earlier step"
