@@ -28,7 +28,14 @@ from lightning_slsam.methods import (
     SSAMFMethod,
 )
 from lightning_slsam.mixin import SharpnessAwareMixin
-from lightning_slsam.samplers import ArmSampler, Exp3Sampler, FixedSampler, UniformSampler, project_capped_simplex
+from lightning_slsam.samplers import (
+    ArmSampler,
+    Exp3Sampler,
+    FixedSampler,
+    TopArmsSampler,
+    UniformSampler,
+    project_capped_simplex,
+)
 
 __version__ = "0.1.0"
 
@@ -61,6 +68,7 @@ __all__ = [
     "SSAMFMethod",
     "SharpnessAware",
     "SharpnessAwareMixin",
+    "TopArmsSampler",
     "UniformSampler",
     "build_arms",
     "project_capped_simplex",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_slsam import attention_inputs
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
@@ -23,7 +25,8 @@ from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
 from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
 from lightning_slsam.mixin import SharpnessAwareMixin
-from lightning_slsam.samplers import Exp3Sampler, UniformSampler, _check_sparsity
+from lightning_slsam.prefix_reuse import PrefixReuse
+from lightning_slsam.samplers import ArmSampler, Exp3Sampler, TopArmsSampler, UniformSampler, _check_sparsity
 
 BN_RUNNING_STATS = ("pass1", "both")
 STATE_KEY_PREFIX = "SharpnessAware["
@@ -52,6 +55,10 @@ class SharpnessAware(pl.Callback):
         clip_grad_value: clip every gradient element to ``[-value, value]`` (default None).
         check_ranks: under DDP, verify every step that all ranks sampled the same arms (default False).
         history_every: record the sampling probabilities every this many steps (default 1; 0 = never).
+        reuse_prefix: in pass 2 of a method whose pass 1 leaves arms out (SL-SAM), take the outputs of the
+            module calls below the lowest active module from pass 1 instead of computing them again (default
+            True; exact, see ``prefix_reuse.py``; False for a model whose modules read other modules'
+            parameters without owning them).
 
     Logged every step (``self.log`` of the module, so any Lightning logger gets them):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
@@ -70,6 +77,7 @@ class SharpnessAware(pl.Callback):
         clip_grad_value: float | None = None,
         check_ranks: bool = False,
         history_every: int = 1,
+        reuse_prefix: bool = True,
     ) -> None:
         if arms not in ARM_MODES:
             raise ValueError(f"arms: unknown arms mode {arms!r}; expected one of {', '.join(ARM_MODES)}")
@@ -93,6 +101,11 @@ class SharpnessAware(pl.Callback):
         self.clip_grad_value = clip_grad_value
         self.check_ranks = check_ranks
         self.history_every = history_every
+        if not isinstance(reuse_prefix, bool):
+            raise ValueError(f"reuse_prefix: must be True or False, got {reuse_prefix!r}")
+        self.reuse_prefix = reuse_prefix
+        #: the pass-2 replay of pass 1's prefix calls, set up at fit start when the method can use it
+        self.prefix_reuse: PrefixReuse | None = None
         self.method: Method | None = None
         self.layout: ArmLayout | None = None
         self._batch_norms: list[nn.modules.batchnorm._BatchNorm] = []
@@ -105,6 +118,7 @@ class SharpnessAware(pl.Callback):
         #: how often each arm was active in pass 1 (int64, one per arm)
         self.selection_counts = torch.zeros(0, dtype=torch.long)
         self._history: list[Tensor] = []
+        self._attention_hooks: list[Any] = []
 
     def build_method(self, layout: ArmLayout) -> Method:
         """The method this callback runs, for the model's arms."""
@@ -159,11 +173,37 @@ class SharpnessAware(pl.Callback):
         self.method = self.build_method(self.layout)
         self.method.setup(self.layout)
         self._batch_norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._remove_hooks()
+        self._attention_hooks = attention_inputs.install(pl_module)
+        if self.reuse_prefix and self.method.sparse_pass_one:
+            self.prefix_reuse = PrefixReuse(pl_module, replayable=self._replayable)
         self._micro_batches = []
         self.selection_counts = torch.zeros(len(self.layout), dtype=torch.long)
         self._history = []
         if self._loaded is not None:
             self._apply_loaded()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # Lightning calls no teardown after an exception
+
+    def _remove_hooks(self) -> None:
+        for handle in self._attention_hooks:
+            handle.remove()
+        self._attention_hooks = []
+        if self.prefix_reuse is not None:
+            self.prefix_reuse.remove()
+            self.prefix_reuse = None
+
+    def _replayable(self, module: nn.Module) -> bool:
+        """Pass 2 may skip ``module``'s call unless it is a BatchNorm that updates running stats in pass 2."""
+        bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats
+        return not (bn and self.bn_running_stats == "both")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         # DDP: the step averages the active gradients itself (distributed.py); buffers still sync from rank 0
@@ -573,6 +613,11 @@ class SLSAM(SharpnessAware):
         sampler: ``"exp3"`` (default, the paper's bandit) or ``"uniform"`` (random arms, fixed p = sparsity).
         norm_scale: ``"raw"`` (default, faithful) or ``"running_mean"`` (scale-free bandit, see
             :class:`~lightning_slsam.samplers.Exp3Sampler`).
+        top_fraction: sample only among the top ``ceil(top_fraction * N)`` of the N arms, in parameter
+            order (default 1.0: all arms, the paper's); the arms below never train. With ``arms="block"``
+            and ``sparsity`` then a fraction of the window, this is the low-cost setting: backward passes
+            stop at the window and pass 2 replays the forward below it (see
+            :class:`~lightning_slsam.samplers.TopArmsSampler`).
         options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
     """
 
@@ -585,6 +630,7 @@ class SLSAM(SharpnessAware):
         seed: int | None = None,
         sampler: str = "exp3",
         norm_scale: str = "raw",
+        top_fraction: float = 1.0,
         **options: Any,
     ) -> None:
         super().__init__(arms=arms, **options)
@@ -600,20 +646,26 @@ class SLSAM(SharpnessAware):
         self.bandit_lr = float(bandit_lr)
         self.seed = seed
         self.sampler = sampler
+        if not (isinstance(top_fraction, (int, float)) and 0.0 < top_fraction <= 1.0):
+            raise ValueError(f"top_fraction: the sampled fraction of arms must lie in (0, 1], got {top_fraction!r}")
         self.norm_scale = norm_scale
+        self.top_fraction = float(top_fraction)
 
     def build_method(self, layout: ArmLayout) -> Method:
         seed = broadcast_seed(self.seed)  # every rank samples the same arms
+        window = min(len(layout), math.ceil(self.top_fraction * len(layout) - 1e-9))
         if self.sampler == "uniform":
-            sampler: Exp3Sampler | UniformSampler = UniformSampler(len(layout), self.sparsity, seed=seed)
+            sampler: ArmSampler = UniformSampler(window, self.sparsity, seed=seed)
         else:
             sampler = Exp3Sampler(
-                len(layout),
+                window,
                 self.sparsity,
                 lr=self.bandit_lr,
                 seed=seed,
                 norm_scale=self.norm_scale,  # type: ignore[arg-type]
             )
+        if window < len(layout):
+            sampler = TopArmsSampler(sampler, len(layout))
         method = SLSAMMethod(self.rho, sampler)
         if self.sampler == "uniform":
             method.name = "slsam_uniform"

@@ -23,6 +23,7 @@ class CommonOptions:
     bn_running_stats: str = "pass1"
     check_ranks: bool = False
     history_every: int = 1
+    reuse_prefix: bool = True
 
 
 @dataclass
@@ -116,6 +117,7 @@ class SLSAMSchema(CommonOptions):
     seed: Optional[int] = None  # noqa: UP045
     sampler: str = "exp3"
     norm_scale: str = "raw"
+    top_fraction: float = 1.0
 
 
 METHOD_SCHEMAS: dict[str, type] = {

@@ -7,6 +7,7 @@ runs that callback's method; without one it trains as the base optimizer, one pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import TYPE_CHECKING, Any
 
@@ -109,8 +110,14 @@ class SharpnessAwareMixin:
         active1 = method.pass1_arms()
         callback.check_arms(active1)
         _set_requires_grad(layout, active1)
+        reuse = callback.prefix_reuse if not bool(active1.all()) else None
         try:
-            loss = self._forward_backward(group)
+            with (
+                reuse.record(reuse.owners_of(layout.params_of(active1)))
+                if reuse is not None
+                else contextlib.nullcontext()
+            ):
+                loss = self._forward_backward(group)
             first = _measure_pass_one(layout, active1, scaler if method.measures_norms else False)
             # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
             finite = bool(first.finite) if method.measures_norms else True
@@ -122,6 +129,8 @@ class SharpnessAwareMixin:
                 method.single_pass_gradient(first)
         finally:
             _set_requires_grad(layout, None)
+            if reuse is not None:
+                reuse.clear()
 
         all_reduce_mean([p.grad for p in layout.params if p.grad is not None])
         # After an overflow a GradScaler still gets its step: it finds the inf pass-1 gradients, skips the
@@ -186,7 +195,9 @@ class SharpnessAwareMixin:
         try:
             if not torch.equal(active2, active1):
                 _set_requires_grad(layout, active2)
-            with callback.second_pass_context():
+            # the calls below the lowest active module of pass 1 give the same outputs at w + e: replay them
+            reuse = callback.prefix_reuse if not bool((active2 & ~active1).any()) else None
+            with callback.second_pass_context(), reuse.replay() if reuse is not None else contextlib.nullcontext():
                 loss2 = self._forward_backward(group)
         finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in compute_loss)
             perturbation.restore(params, saved)

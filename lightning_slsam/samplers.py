@@ -144,6 +144,55 @@ class FixedSampler(ArmSampler):
         return self.active.clone()
 
 
+class TopArmsSampler(ArmSampler):
+    """A sampler over the top arms only: ``inner`` picks among the last ``inner.num_arms`` of ``num_arms``.
+
+    Arms are numbered in the model's parameter order (``named_parameters``), which for the usual networks is
+    the forward order, so the last arms are the top of the network. The arms below the window are never
+    active: they do not train. In exchange every backward pass stops at the window, and pass 2 replays
+    the forward below it (``prefix_reuse.py``): the depth-aware, low-cost setting of SL-SAM.
+
+    Args:
+        inner: the sampler of the window (any :class:`ArmSampler`, e.g. the Exp3 bandit over the window).
+        num_arms: all arms N (>= ``inner.num_arms``).
+    """
+
+    def __init__(self, inner: ArmSampler, num_arms: int) -> None:
+        if not 1 <= inner.num_arms <= int(num_arms):
+            raise ValueError(f"num_arms: the window has {inner.num_arms} arms, more than the {num_arms} in all")
+        self.inner = inner
+        self.num_arms = int(num_arms)
+        self.device = inner.device
+        #: index of the lowest arm of the window
+        self.offset = self.num_arms - inner.num_arms
+
+    @property
+    def probs(self) -> torch.Tensor:  # type: ignore[override]
+        """All N probabilities: 0 below the window, the inner sampler's in it."""
+        full = torch.zeros(self.num_arms, dtype=torch.float64, device=self.device)
+        full[self.offset :] = self.inner.probs
+        return full
+
+    def sample(self) -> torch.Tensor:
+        active = torch.zeros(self.num_arms, dtype=torch.bool, device=self.device)
+        active[self.offset :] = self.inner.sample()
+        return active
+
+    def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:
+        self.inner.update(active[self.offset :], grad_norms[self.offset :])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.inner.num_arms, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("window") != self.inner.num_arms:
+            raise ValueError(
+                f"sampler state: checkpoint samples the top {state.get('window', 'all')} arms, this run the top "
+                f"{self.inner.num_arms} (top_fraction differs)"
+            )
+        self.inner.load_state_dict(state["inner"])
+
+
 def project_capped_simplex(weights: torch.Tensor, budget: float) -> torch.Tensor:
     """Scale ``weights`` (>= 0) to sum to ``budget`` with no entry above 1, capping the largest at 1.
 

@@ -84,6 +84,9 @@ class Method:
     #: whether the step measures per-arm pass-1 gradient norms (False only for one-pass methods that never
     #: look at them, so that ``base`` costs exactly a plain step)
     measures_norms: ClassVar[bool] = True
+    #: whether pass 1 can leave arms out, so that pass 2 may replay the calls below the lowest active module
+    #: (``prefix_reuse.py``); False for methods whose pass 1 always differentiates every arm
+    sparse_pass_one: ClassVar[bool] = False
 
     def __init__(self, rho: float) -> None:
         self.rho = check_rho(rho)

@@ -29,6 +29,7 @@ class SLSAMMethod(Method):
     """
 
     name = "slsam"
+    sparse_pass_one = True
 
     def __init__(self, rho: float, sampler: ArmSampler) -> None:
         super().__init__(rho)
