@@ -127,7 +127,7 @@ class PrefixReuse:
         if not self._recording or _in_backward() or not self._stack or self._stack[-1].module is not module:
             return
         call = self._stack.pop()
-        if _needs_grad(output):
+        if not self._crossed and _needs_grad(output):
             # it depends on an active parameter (read without calling its owner, as nn.MultiheadAttention reads
             # out_proj.weight): the prefix ends here
             self._crossed = True
