@@ -133,6 +133,10 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values)  # NaN (e.g. a diverged run) or inf: statistics cannot take them
 
 
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _std(values: Sequence[float]) -> float | None:
     """Sample standard deviation; 0 for one value, NaN when a value is not finite, None for none."""
     if not values:
@@ -152,8 +156,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Row keys: ``experiment``, ``method``, ``method_label``, ``metric_name``, ``runs`` (number of records),
     ``seeds`` (sorted), ``metric_mean`` / ``metric_std`` (``best_metric``; sample std, 0 for one run),
-    ``final_metric_mean``, ``median_step_time_s`` (mean of the runs' medians), ``step_time_ratio`` (that mean over
-    the same mean of the experiment's ``base`` runs; None without a base run), ``active_ratio``,
+    ``final_metric_mean``, ``median_step_time_s`` (median of the runs' medians: a run slowed by a busy machine does
+    not move it), ``step_time_ratio`` (that over the same median of the experiment's ``base`` runs; None without a
+    base run), ``active_ratio``,
     ``active_ratio_pass2``, ``passes_per_step``, ``peak_memory_mb``, ``steps`` (means; None where no record has the
     key), ``run_dirs`` (aligned with ``seeds``; None for a record without one) and ``has_probabilities`` (some run
     wrote ``probabilities.pt``).
@@ -173,13 +178,13 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in runs
             if str(r.get("method") or label) == "base"
         ]
-        base_time[experiment] = _mean(_numbers(base_runs, "median_step_time_s"))
+        base_time[experiment] = _median(_numbers(base_runs, "median_step_time_s"))
 
     rows = []
     for (experiment, label), runs in groups.items():
         runs = sorted(runs, key=lambda r: (_seed_key(r.get("seed")), str(r.get("run_dir", ""))))
         metric = _numbers(runs, "best_metric")
-        step_time = _mean(_numbers(runs, "median_step_time_s"))
+        step_time = _median(_numbers(runs, "median_step_time_s"))
         base = base_time[experiment]
         ratio = step_time / base if step_time is not None and base else None
         if ratio is not None and not math.isfinite(ratio):
@@ -526,8 +531,12 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
         f"Sweep: `{sweep.resolve()}`",
         "",
         f"{len(records)} run record(s), {len(rows)} (experiment, method) group(s). The metric is each run's best "
-        "validation value (`best_metric`, higher is better): mean ± sample std over seeds. Step time is the mean of "
-        "the runs' median optimizer step times, relative to the `base` runs of the same experiment.",
+        "validation value (`best_metric`, higher is better): mean ± sample std over seeds. Step time is the median "
+        "over runs of each run's median optimizer step time, relative to the same figure of the `base` runs of the "
+        "same experiment (runs in one sweep run one after another, so a busy machine slows some runs: compare "
+        "costs with `experiments/bench_step.py`, which interleaves the methods). Peak memory is each run's "
+        "process peak-RSS growth; runs of a multirun share one process, so only a sweep's first run shows the "
+        "model's footprint.",
         "",
         "## Results",
         "",

@@ -117,14 +117,14 @@ def expected_rows(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     expected = {}
     for (experiment, label), runs in groups.items():
         base = [r["median_step_time_s"] for r in records if r["experiment"] == experiment and r["method"] == "base"]
-        step = statistics.mean(r["median_step_time_s"] for r in runs)
+        step = statistics.median(r["median_step_time_s"] for r in runs)
         metric = [r["best_metric"] for r in runs]
         expected[experiment, label] = {
             "runs": len(runs),
             "seeds": sorted(r["seed"] for r in runs),
             "metric_mean": statistics.mean(metric),
             "metric_std": statistics.stdev(metric) if len(metric) > 1 else 0.0,
-            "step_time_ratio": step / statistics.mean(base) if base else None,
+            "step_time_ratio": step / statistics.median(base) if base else None,
             "active_ratio": statistics.mean(r["active_ratio"] for r in runs),
             "active_ratio_pass2": statistics.mean(r["active_ratio_pass2"] for r in runs),
             "passes_per_step": statistics.mean(r["passes_per_step"] for r in runs),
