@@ -246,15 +246,14 @@ def make_callback(name: str) -> SharpnessAware:
 def describe_method(name: str) -> str:
     if name in FIXED_METHODS:
         return FIXED_METHODS[name][1]
-    match = SLSAM_PATTERN.match(name)
-    assert match is not None
-    kind, sparsity, arms, top, running_mean, no_reuse = match.groups()
-    sampler = "uniform sampler" if kind == "slsam_uniform" else "Exp3 bandit"
-    if running_mean:
+    callback = make_callback(name)  # the one parse of the name
+    assert isinstance(callback, SLSAM)
+    sampler = "uniform sampler" if callback.sampler == "uniform" else "Exp3 bandit"
+    if callback.norm_scale == "running_mean":
         sampler += " on running-mean-scaled norms"
-    window = f", top {float(top):g} of the arms" if top else ""
-    reuse = ", no prefix reuse" if no_reuse else ""
-    return f"SL-SAM, sparsity {float(sparsity or 0.2):g}, {arms or 'tensor'} arms{window}, {sampler}{reuse}"
+    window = f", top {callback.top_fraction:g} of the arms" if callback.top_fraction < 1.0 else ""
+    reuse = "" if callback.reuse_prefix else ", no prefix reuse"
+    return f"SL-SAM, sparsity {callback.sparsity:g}, {callback.arms} arms{window}, {sampler}{reuse}"
 
 
 def expand_methods(names: list[str]) -> list[str]:

@@ -137,7 +137,8 @@ class PrefixReuse:
         if self._stack:
             parent = self._stack[-1]
             parent.kept.extend(finished)
-            parent.inner.extend([*call.inner, (id(module), call.index)])
+            if not self._crossed:  # only a call that ends before the boundary becomes an entry and reads this
+                parent.inner.extend([*call.inner, (id(module), call.index)])
             parent.refused = parent.refused or refused or entry is None
         else:
             self._kept.extend(finished)
