@@ -193,25 +193,33 @@ class TopArmsSampler(ArmSampler):
         self.inner.load_state_dict(state["inner"])
 
 
-def project_capped_simplex(weights: torch.Tensor, budget: float) -> torch.Tensor:
+#: the floor on the tail sum of the capped-simplex projection, as in the authors' code
+#: (``temp_sum = max(sum(w_sort[j:]), 1e-5)``): when nearly every weight has underflowed, the probabilities
+#: sum to less than the budget, so fewer arms are active (docs/methods/slsam.md, "the bandit, exactly")
+TAIL_FLOOR = 1e-5
+
+
+def project_capped_simplex(weights: torch.Tensor, budget: float, tail_floor: float = TAIL_FLOOR) -> torch.Tensor:
     """Scale ``weights`` (>= 0) to sum to ``budget`` with no entry above 1, capping the largest at 1.
 
-    Walks the weights in descending order: while ``w_(j) * K' > sum_{k>=j} w_(k)`` the j-th largest is
-    set to 1 and ``K'`` drops by one; the rest become ``K' * w_(k) / sum_{k>=j} w_(k)``. Vectorised: at
-    the j-th position ``K' = budget - j`` whenever all earlier ones were capped, so the capped set is the
-    leading run of positions where the condition holds. If every uncapped weight is 0 (underflow), the
-    budget left is split evenly among them instead of dividing 0 by 0.
+    Walks the weights in descending order: with ``T_j = max(sum_{k>=j} w_(k), tail_floor)``, while
+    ``w_(j) * K' > T_j`` the j-th largest is set to 1 and ``K'`` drops by one; the rest become
+    ``K' * w_(k) / T_j``. Vectorised: at the j-th position ``K' = budget - j`` whenever all earlier ones
+    were capped, so the capped set is the leading run of positions where the condition holds.
+
+    ``tail_floor`` (default 1e-5, the authors') keeps the division finite when the uncapped weights have
+    underflowed; the result then sums to less than ``budget``, exactly as the reference code does.
     """
+    if not tail_floor > 0.0:
+        raise ValueError(f"tail_floor: must be > 0, got {tail_floor!r}")
     ordered, order = torch.sort(weights, descending=True)
-    suffix = ordered.flip(0).cumsum(0).flip(0)  # suffix[j] = sum_{k>=j} ordered[k]
+    suffix = ordered.flip(0).cumsum(0).flip(0).clamp(min=tail_floor)  # T_j = max(sum_{k>=j} w_(k), floor)
     positions = torch.arange(weights.numel(), device=weights.device, dtype=weights.dtype)
     capped = (ordered * (budget - positions) > suffix).cumprod(0).bool()
     num_capped = capped.sum()
     rest_sum = torch.cat([suffix, suffix.new_ones(1)])[num_capped]
     left = budget - num_capped.to(weights.dtype)  # float64 like the weights, not int64 -> float32
-    # When every uncapped weight underflowed to 0 the reference divides 0 by 0; split what is left evenly.
-    even = left / (weights.numel() - num_capped).clamp(min=1).to(weights.dtype)
-    rest = torch.where(rest_sum > 0, left * ordered / rest_sum, even)  # (the 0/0 branch is discarded)
+    rest = left * ordered / rest_sum
     projected = torch.where(capped, torch.ones_like(ordered), rest)
     return torch.empty_like(projected).scatter_(0, order, projected)
 
