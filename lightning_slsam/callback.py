@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_slsam import attention_inputs
+from lightning_slsam.arm_groups import check_spec, select_arms
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
@@ -26,7 +27,14 @@ from lightning_slsam.methods.slsam import SLSAMMethod
 from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
 from lightning_slsam.mixin import SharpnessAwareMixin
 from lightning_slsam.prefix_reuse import PrefixReuse
-from lightning_slsam.samplers import ArmSampler, Exp3Sampler, TopArmsSampler, UniformSampler, _check_sparsity
+from lightning_slsam.samplers import (
+    ArmSampler,
+    Exp3Sampler,
+    PinnedArmsSampler,
+    TopArmsSampler,
+    UniformSampler,
+    _check_sparsity,
+)
 
 BN_RUNNING_STATS = ("pass1", "both")
 STATE_KEY_PREFIX = "SharpnessAware["
@@ -618,6 +626,14 @@ class SLSAM(SharpnessAware):
             and ``sparsity`` then a fraction of the window, this is the low-cost setting: backward passes
             stop at the window and pass 2 replays the forward below it (see
             :class:`~lightning_slsam.samplers.TopArmsSampler`).
+        always_active: arms active on every step, outside the bandit (default none, the paper's): group
+            names ``"head"``, ``"norms"``, ``"biases"``, ``"vectors"`` (every tensor of at most one
+            dimension), ``"embeddings"``, or fnmatch patterns on parameter names (see
+            :mod:`lightning_slsam.arm_groups`). The bandit then samples the other arms with budget
+            ``sparsity`` times their count.
+        max_update_scale: None (default, the paper's) or a cap c >= 1: each active arm's optimizer update
+            is scaled by ``min(1 / p_i, c)``, p_i its sampling probability, so that rarely sampled arms
+            move as far per step as every-step ones (:class:`~lightning_slsam.methods.slsam.SLSAMMethod`).
         options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
     """
 
@@ -631,13 +647,21 @@ class SLSAM(SharpnessAware):
         sampler: str = "exp3",
         norm_scale: str = "raw",
         top_fraction: float = 1.0,
+        always_active: Sequence[str] | str | None = None,
+        max_update_scale: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__(arms=arms, **options)
         self.rho = check_rho(rho)
+        self.always_active = check_spec(always_active)
+        if max_update_scale is not None and not (
+            isinstance(max_update_scale, (int, float)) and 1.0 <= max_update_scale < float("inf")
+        ):
+            raise ValueError(f"max_update_scale: must be a finite number >= 1 or None, got {max_update_scale!r}")
+        self.max_update_scale = max_update_scale
         _check_sparsity(sparsity)
-        if not (isinstance(bandit_lr, (int, float)) and bandit_lr >= 0.0):
-            raise ValueError(f"bandit_lr: the bandit step size must be >= 0, got {bandit_lr!r}")
+        if not (isinstance(bandit_lr, (int, float)) and 0.0 <= bandit_lr < float("inf")):
+            raise ValueError(f"bandit_lr: the bandit step size must be a finite number >= 0, got {bandit_lr!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if norm_scale not in ("raw", "running_mean"):
@@ -651,9 +675,20 @@ class SLSAM(SharpnessAware):
         self.norm_scale = norm_scale
         self.top_fraction = float(top_fraction)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module = pl_module  # build_method reads the module's structure for always_active
+        super().on_fit_start(trainer, pl_module)
+
     def build_method(self, layout: ArmLayout) -> Method:
         seed = broadcast_seed(self.seed)  # every rank samples the same arms
-        window = min(len(layout), math.ceil(self.top_fraction * len(layout) - 1e-9))
+        pinned = select_arms(self._module, layout, self.always_active) if self.always_active else None
+        free = len(layout) if pinned is None else int((~pinned).sum())
+        if free == 0:
+            raise ValueError(
+                f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left to "
+                "sample (use SAM)"
+            )
+        window = min(free, math.ceil(self.top_fraction * free - 1e-9))
         if self.sampler == "uniform":
             sampler: ArmSampler = UniformSampler(window, self.sparsity, seed=seed)
         else:
@@ -664,9 +699,53 @@ class SLSAM(SharpnessAware):
                 seed=seed,
                 norm_scale=self.norm_scale,  # type: ignore[arg-type]
             )
-        if window < len(layout):
-            sampler = TopArmsSampler(sampler, len(layout))
-        method = SLSAMMethod(self.rho, sampler)
+        if window < free:
+            sampler = TopArmsSampler(sampler, free)
+        if pinned is not None:
+            sampler = PinnedArmsSampler(sampler, pinned)
+        method = SLSAMMethod(self.rho, sampler, max_update_scale=self.max_update_scale)
         if self.sampler == "uniform":
             method.name = "slsam_uniform"
+        return method
+
+
+class SLSAMPlus(SLSAM):
+    """SL-SAM with the levers against update starvation on by default: method ``slsam_plus``.
+
+    Plain SL-SAM updates each tensor on about a ``sparsity`` fraction of the steps, which on fine-tuning
+    lengths leaves it far behind SAM (docs/results.md). This configuration keeps the sparse two-pass step
+    and its cost, and changes the defaults: the head and every tensor of at most one dimension (norms,
+    biases) are always active, the bandit is scale-free (``norm_scale="running_mean"``) and each sampled
+    arm's update is scaled by ``min(1 / p_i, 5)``. Every argument of :class:`SLSAM` can still be set.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        sparsity: expected fraction of the sampled (not always-active) arms active per step (default 0.2).
+        always_active: default ``("head", "vectors")``.
+        norm_scale: default ``"running_mean"``.
+        max_update_scale: default 5.0.
+        options: every other argument of :class:`SLSAM`.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        sparsity: float = 0.2,
+        always_active: Sequence[str] | str | None = ("head", "vectors"),
+        norm_scale: str = "running_mean",
+        max_update_scale: float | None = 5.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            rho=rho,
+            sparsity=sparsity,
+            always_active=always_active,
+            norm_scale=norm_scale,
+            max_update_scale=max_update_scale,
+            **options,
+        )
+
+    def build_method(self, layout: ArmLayout) -> Method:
+        method = super().build_method(layout)
+        method.name = "slsam_plus"
         return method

@@ -7,7 +7,7 @@ checked by the callbacks' own constructors, which the CLI runs before building a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
@@ -118,6 +118,16 @@ class SLSAMSchema(CommonOptions):
     sampler: str = "exp3"
     norm_scale: str = "raw"
     top_fraction: float = 1.0
+    always_active: list[str] = field(default_factory=list)
+    max_update_scale: Optional[float] = None  # noqa: UP045
+
+
+@dataclass
+class SLSAMPlusSchema(SLSAMSchema):
+    _target_: str = "lightning_slsam.SLSAMPlus"
+    always_active: list[str] = field(default_factory=lambda: ["head", "vectors"])
+    norm_scale: str = "running_mean"
+    max_update_scale: Optional[float] = 5.0  # noqa: UP045
 
 
 METHOD_SCHEMAS: dict[str, type] = {
@@ -131,6 +141,7 @@ METHOD_SCHEMAS: dict[str, type] = {
     "looksam": LookSAMSchema,
     "rst": RSTSchema,
     "slsam": SLSAMSchema,
+    "slsam_plus": SLSAMPlusSchema,
 }
 
 

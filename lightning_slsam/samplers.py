@@ -193,6 +193,57 @@ class TopArmsSampler(ArmSampler):
         self.inner.load_state_dict(state["inner"])
 
 
+class PinnedArmsSampler(ArmSampler):
+    """Some arms always active, ``inner`` sampling the others (SL-SAM's ``always_active``).
+
+    The inner sampler (any :class:`ArmSampler`) sees only the unpinned arms, in layout order, so its budget
+    ``K = s * N_unpinned`` and its bandit statistics concern them alone; the pinned arms have probability 1.
+    LISA (Pan et al. 2024) keeps embedding and head always active for the same reason: the layers that
+    must move most would otherwise train on a fraction of the steps.
+
+    Args:
+        inner: the sampler of the unpinned arms (``inner.num_arms`` must equal their count).
+        pinned: bool ``(N,)``, the always-active arms; at least one arm must stay unpinned.
+    """
+
+    def __init__(self, inner: ArmSampler, pinned: torch.Tensor) -> None:
+        pinned = pinned.to(dtype=torch.bool, device=inner.device)
+        free = int((~pinned).sum())
+        if free < 1:
+            raise ValueError("always_active: every arm is pinned; nothing is left to sample (use method=sam)")
+        if inner.num_arms != free:
+            raise ValueError(f"num_arms: the inner sampler has {inner.num_arms} arms, {free} are unpinned")
+        self.inner = inner
+        self.pinned = pinned
+        self.num_arms = int(pinned.numel())
+        self.device = inner.device
+        self._free_index = torch.nonzero(~pinned).flatten()
+
+    @property
+    def probs(self) -> torch.Tensor:  # type: ignore[override]
+        """All N probabilities: 1 for the pinned arms, the inner sampler's for the others."""
+        full = torch.ones(self.num_arms, dtype=torch.float64, device=self.device)
+        full[self._free_index] = self.inner.probs
+        return full
+
+    def sample(self) -> torch.Tensor:
+        active = self.pinned.clone()
+        active[self._free_index] = self.inner.sample()
+        return active
+
+    def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:
+        index = self._free_index.to(active.device)
+        self.inner.update(active[index], grad_norms[index.to(grad_norms.device)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pinned": self.pinned.clone(), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not torch.equal(state.get("pinned", torch.zeros(0)).to(self.pinned.device), self.pinned):
+            raise ValueError("sampler state: the checkpoint pins other arms (always_active differs)")
+        self.inner.load_state_dict(state["inner"])
+
+
 #: the floor on the tail sum of the capped-simplex projection, as in the authors' code
 #: (``temp_sum = max(sum(w_sort[j:]), 1e-5)``): when nearly every weight has underflowed, the probabilities
 #: sum to less than the budget, so fewer arms are active (docs/methods/slsam.md, "the bandit, exactly")

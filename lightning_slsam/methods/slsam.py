@@ -7,10 +7,11 @@ AdamW leaves it and its state alone). The bandit learns from the pass-1 norms ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_slsam.methods.interface import Method, PassOne
 from lightning_slsam.samplers import ArmSampler
@@ -23,6 +24,12 @@ class SLSAMMethod(Method):
         rho: perturbation radius (>= 0).
         sampler: the arm sampler (``Exp3Sampler`` for the paper, ``UniformSampler`` for random layers);
             its ``num_arms`` must equal the model's arm count.
+        max_update_scale: ``None`` (default, the paper's) leaves the optimizer's update alone. A number
+            c >= 1 scales the update of each active arm i by ``min(1 / p_i, c)``, with ``p_i`` the
+            probability it was sampled with: an arm trained on a fraction p_i of the steps then moves, in
+            expectation, as far per step as one trained on every step (``w <- w0 + s_i (w - w0)`` after the
+            optimizer step, so it applies to any optimizer, weight decay included). Costs one copy of the
+            active parameters per step.
 
     The bandit update of step t is applied lazily, just before step t+1 samples: the same order as the
     paper, but the per-arm norms travel to the sampler's device without stalling the accelerator.
@@ -31,10 +38,18 @@ class SLSAMMethod(Method):
     name = "slsam"
     sparse_pass_one = True
 
-    def __init__(self, rho: float, sampler: ArmSampler) -> None:
+    def __init__(self, rho: float, sampler: ArmSampler, max_update_scale: float | None = None) -> None:
         super().__init__(rho)
+        if max_update_scale is not None and not (
+            isinstance(max_update_scale, (int, float)) and 1.0 <= max_update_scale < float("inf")
+        ):
+            raise ValueError(f"max_update_scale: must be a finite number >= 1 or None, got {max_update_scale!r}")
         self.sampler = sampler
+        self.max_update_scale = None if max_update_scale is None else float(max_update_scale)
         self._pending: tuple[Tensor, Tensor, Any] | None = None
+        #: with max_update_scale: the scaled parameters, their values before this step's update, their factors
+        self._before: tuple[list[nn.Parameter], list[Tensor], list[float]] | None = None
+        self._arm_of: dict[int, int] = {}
 
     def setup(self, layout) -> None:
         super().setup(layout)
@@ -42,12 +57,36 @@ class SLSAMMethod(Method):
             raise ValueError(
                 f"sampler: it has {self.sampler.num_arms} arms but the model has {len(layout)} ({layout.mode} arms)"
             )
+        self._arm_of = {id(p): int(i) for p, i in zip(layout.params, layout.param_arm.tolist(), strict=True)}
 
     def pass1_arms(self) -> Tensor:
         self._flush()
+        self._before = None
         return self.sampler.sample().cpu()
 
+    def combine(self, params: Sequence[nn.Parameter], first_grads: Sequence[Tensor] | None, first: PassOne) -> None:
+        if self.max_update_scale is None or self.max_update_scale == 1.0:
+            return
+        # the probabilities this step was sampled with: the bandit's update is applied before the next sample
+        scale = self.sampler.probs.reciprocal().clamp(max=self.max_update_scale).tolist()
+        scaled = [(p, scale[self._arm_of[id(p)]]) for p in params if scale[self._arm_of[id(p)]] != 1.0]
+        if scaled:  # keep w before the optimizer step of the arms whose update is scaled (not the pinned ones)
+            self._before = ([p for p, _ in scaled], [p.detach().clone() for p, _ in scaled], [f for _, f in scaled])
+
+    def _scale_updates(self) -> None:
+        """``w <- w0 + min(1 / p_i, c) (w - w0)`` on the arms of this step whose factor is not 1."""
+        assert self._before is not None
+        params, before, factors = self._before
+        self._before = None
+        with torch.no_grad():
+            weights = [p.detach() for p in params]
+            torch._foreach_sub_(weights, before)
+            torch._foreach_mul_(weights, factors)
+            torch._foreach_add_(weights, before)
+
     def after_step(self, first: PassOne) -> None:
+        if self._before is not None:
+            self._scale_updates()
         # a non-finite step reaches the sampler as NaN norms, which its update ignores
         norms = torch.where(first.finite, first.arm_norms.detach(), float("nan"))
         event = None

@@ -1,0 +1,250 @@
+"""SL-SAM's levers against update starvation: always-active arms, update scaling, and ``slsam_plus``.
+
+Each lever is compared with a plain reference written here: the arm groups with names listed by hand, the
+pinned sampler with the inner sampler fed directly, the scaled update with a python loop of SL-SAM whose
+update is ``w0 + min(1 / p, c) (w - w0)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyNet, snapshot
+from torch import nn
+
+from lightning_slsam import SLSAM, Exp3Sampler, PinnedArmsSampler, SLSAMPlus, UniformSampler, build_arms
+from lightning_slsam.arm_groups import select_arms
+
+LR, WEIGHT_DECAY, RHO, STEPS = 1e-2, 0.1, 0.2, 6
+
+
+# --- arm groups ---------------------------------------------------------------------------------------------------
+class TextLike(nn.Module):
+    """Embedding -> LayerNorm -> Linear -> Linear head, with a parameter-free module last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+        self.body = nn.Linear(4, 4)
+        self.classifier = nn.Linear(4, 2)
+        self.dropout = nn.Dropout(0.1)
+
+
+def selected_names(module: nn.Module, spec: Sequence[str], mode: str = "tensor") -> set[str]:
+    layout = build_arms(module, mode)
+    mask = select_arms(module, layout, spec)
+    return {name for name, on in zip(layout.names, mask.tolist(), strict=True) if on}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (["head"], {"classifier.weight", "classifier.bias"}),
+        (["norms"], {"norm.weight", "norm.bias"}),
+        (["biases"], {"norm.bias", "body.bias", "classifier.bias"}),
+        (["vectors"], {"norm.weight", "norm.bias", "body.bias", "classifier.bias"}),
+        (["embeddings"], {"embed.weight"}),
+        (["head", "embeddings"], {"classifier.weight", "classifier.bias", "embed.weight"}),
+        (["body.*"], {"body.weight", "body.bias"}),
+    ],
+)
+def test_arm_groups_select_the_listed_tensors(spec: list[str], expected: set[str]) -> None:
+    assert selected_names(TextLike(), spec) == expected
+
+
+def test_arm_groups_on_batchnorm_net() -> None:
+    net = TinyNet(batch_norm=True)
+    assert selected_names(net, ["head"]) == {"model.5.weight", "model.5.bias"}
+    assert selected_names(net, ["norms"]) == {"model.1.weight", "model.1.bias"}
+    assert selected_names(net, ["vectors"]) == {"model.1.weight", "model.1.bias", "model.3.bias", "model.5.bias"}
+
+
+def test_module_arms_are_selected_only_when_every_parameter_matches() -> None:
+    # module arms: the LayerNorm's arm is all vectors, the Linear arms hold a matrix too
+    assert selected_names(TextLike(), ["vectors"], mode="module") == {"norm"}
+    assert selected_names(TextLike(), ["head"], mode="module") == {"classifier"}
+
+
+@pytest.mark.parametrize("spec", [["nothing.*"], ["head", "typo"]])
+def test_arm_group_matching_nothing_is_refused(spec: list[str]) -> None:
+    module = TextLike()
+    with pytest.raises(ValueError, match=r"always_active: .* selects no arm"):
+        select_arms(module, build_arms(module), spec)
+
+
+# --- the pinned sampler -------------------------------------------------------------------------------------------
+def test_pinned_sampler_keeps_pinned_arms_and_forwards_the_rest() -> None:
+    pinned = torch.tensor([True, False, False, True, False, False, False])
+    sampler = PinnedArmsSampler(Exp3Sampler(5, 0.4, seed=3), pinned)
+    twin = Exp3Sampler(5, 0.4, seed=3)  # the reference: the inner sampler fed the unpinned arms by hand
+    free = ~pinned
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        mask = sampler.sample()
+        assert bool(mask[pinned].all())
+        assert torch.equal(mask[free], twin.sample())
+        norms = torch.rand(7, generator=gen, dtype=torch.float64) * 3
+        sampler.update(mask, norms)
+        twin.update(mask[free], norms[free])
+        assert torch.equal(sampler.probs[free], twin.probs)
+        assert bool((sampler.probs[pinned] == 1).all())
+    state = sampler.state_dict()
+    copy_ = PinnedArmsSampler(Exp3Sampler(5, 0.4, seed=99), pinned)
+    copy_.load_state_dict(state)
+    assert torch.equal(copy_.sample(), sampler.sample())
+
+
+def test_pinned_sampler_refuses_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="every arm is pinned"):
+        PinnedArmsSampler(UniformSampler(1, 0.5), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_arms"):
+        PinnedArmsSampler(UniformSampler(4, 0.5), torch.tensor([True, False, False]))
+    other = PinnedArmsSampler(UniformSampler(2, 0.5), torch.tensor([False, True, False]))
+    with pytest.raises(ValueError, match="always_active differs"):
+        PinnedArmsSampler(UniformSampler(2, 0.5), torch.tensor([True, False, False])).load_state_dict(
+            other.state_dict()
+        )
+
+
+# --- the scaled update against a reference loop -------------------------------------------------------------------
+def recorded_masks(module: TinyNet, callback: SLSAM, loader: Any, make_trainer: Any) -> tuple[list, list]:
+    """Fit, recording per step the parameter names with a gradient at the optimizer and their probabilities."""
+
+    masks: list[list[str]] = []
+    probs: list[dict[str, float]] = []
+
+    class Recorder(L.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            masks.append([n for n, p in pl_module.named_parameters() if p.grad is not None])
+            method = callback.method
+            assert method is not None and callback.layout is not None
+            # the probabilities this step was sampled with (the bandit's update is applied before the next sample)
+            p = method.sampler.probs
+            probs.append({name: float(p[i]) for i, name in enumerate(callback.layout.names)})
+
+    make_trainer(callbacks=[callback, Recorder()], max_steps=STEPS).fit(module, loader)
+    return masks, probs
+
+
+def reference_scaled_slsam(
+    model: nn.Module, batches: Sequence[Any], masks: Sequence[Sequence[str]], scales: Sequence[dict[str, float]]
+) -> None:
+    """SL-SAM on the given arms, each arm's AdamW update multiplied by ``scales[t][name]`` (a python loop)."""
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    for step, (x, y) in enumerate(batches):
+        names = list(masks[step])
+        params = [named[n] for n in names]
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        before = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.add_(RHO * g / (norm + 1e-12))
+        grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        with torch.no_grad():
+            for p, w in zip(params, before, strict=True):
+                p.copy_(w)
+        for p, g in zip(params, grads2, strict=True):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, p, w in zip(names, params, before, strict=True):
+                p.copy_(w + scales[step][name] * (p - w))
+
+
+def take(loader: Any, k: int) -> list[Any]:
+    batches = list(loader)
+    return [batches[i % len(batches)] for i in range(k)]
+
+
+def strip(names: Sequence[str]) -> list[str]:
+    return [n.removeprefix("model.") for n in names]
+
+
+@pytest.mark.parametrize(
+    ("options", "cap"),
+    [
+        ({"sampler": "uniform", "sparsity": 0.5}, 1.5),  # 1 / p = 2, capped at 1.5
+        ({"sampler": "uniform", "sparsity": 0.5}, 5.0),  # 1 / p = 2
+        ({"sparsity": 0.5, "bandit_lr": 0.5}, 5.0),  # the Exp3 bandit moves p between steps
+        ({"sampler": "uniform", "sparsity": 0.5, "always_active": ["head"]}, 5.0),  # pinned: p = 1
+    ],
+)
+def test_scaled_update_matches_reference(make_trainer, tiny_loader, options: dict[str, Any], cap: float) -> None:
+    module = TinyNet()
+    ref = copy.deepcopy(module.model)
+    callback = SLSAM(rho=RHO, seed=0, max_update_scale=cap, **options)
+    masks, probs = recorded_masks(module, callback, tiny_loader, make_trainer)
+    scales = [{n.removeprefix("model."): min(1.0 / p[n], cap) for n in p} for p in probs]
+    assert any(s != 1.0 for step in scales for s in step.values())
+    reference_scaled_slsam(ref, take(tiny_loader, STEPS), [strip(m) for m in masks], scales)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
+
+
+def test_scaled_update_with_cap_one_equals_plain_slsam_bitwise(make_trainer, tiny_loader) -> None:
+    plain, capped = TinyNet(), TinyNet()
+    make_trainer(callbacks=[SLSAM(rho=RHO, sparsity=0.5, seed=0)], max_steps=STEPS).fit(plain, tiny_loader)
+    make_trainer(callbacks=[SLSAM(rho=RHO, sparsity=0.5, seed=0, max_update_scale=1.0)], max_steps=STEPS).fit(
+        capped, tiny_loader
+    )
+    for (name, p), q in zip(plain.named_parameters(), capped.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+# --- slsam_plus -----------------------------------------------------------------------------------------------------
+def test_slsam_plus_keeps_head_and_vectors_active_every_step(make_trainer, tiny_loader) -> None:
+    module = TinyNet(batch_norm=True)
+    callback = SLSAMPlus(rho=RHO, seed=0)
+    masks, probs = recorded_masks(module, callback, tiny_loader, make_trainer)
+    always = {"model.5.weight", "model.5.bias", "model.1.weight", "model.1.bias", "model.3.bias"}
+    for step_mask, step_probs in zip(masks, probs, strict=True):
+        assert always <= set(step_mask)
+        assert all(step_probs[n] == 1.0 for n in always)
+    assert callback.method is not None and callback.method.name == "slsam_plus"
+    assert not torch.equal(snapshot(module)["model.0.weight"], snapshot(TinyNet(batch_norm=True))["model.0.weight"])
+
+
+def test_slsam_plus_equals_slsam_with_the_same_arguments(make_trainer, tiny_loader) -> None:
+    plus, slsam = TinyNet(), TinyNet()
+    make_trainer(callbacks=[SLSAMPlus(rho=RHO, seed=0)], max_steps=STEPS).fit(plus, tiny_loader)
+    same = SLSAM(rho=RHO, seed=0, always_active=["head", "vectors"], norm_scale="running_mean", max_update_scale=5.0)
+    make_trainer(callbacks=[same], max_steps=STEPS).fit(slsam, tiny_loader)
+    for (name, p), q in zip(plus.named_parameters(), slsam.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"max_update_scale": 0.5}, "max_update_scale"),
+        ({"max_update_scale": float("inf")}, "max_update_scale"),
+        ({"always_active": [""]}, "always_active"),
+        ({"always_active": [3]}, "always_active"),
+        ({"bandit_lr": float("inf")}, "bandit_lr"),
+        ({"bandit_lr": float("nan")}, "bandit_lr"),
+    ],
+)
+@pytest.mark.parametrize("callback", [SLSAM, SLSAMPlus])
+def test_bad_lever_arguments_name_the_argument(callback: type, kwargs: dict[str, Any], argument: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        callback(**kwargs)
+
+
+@pytest.mark.parametrize("spec", [["nothing.*"], ["model.*"]])
+def test_always_active_problems_are_refused_before_the_first_step(make_trainer, tiny_loader, spec) -> None:
+    module = TinyNet()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match="always_active"):
+        make_trainer(callbacks=[SLSAM(always_active=spec)]).fit(module, tiny_loader)
+    for name, value in snapshot(module).items():
+        assert torch.equal(value, before[name])
