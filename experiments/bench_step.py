@@ -69,7 +69,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_slsam
-from lightning_slsam import ARSAM, ASAM, RST, SAM, SLSAM, SSAMD, SSAMF, LayerwiseGNP, LookSAM, Plain, SharpnessAware
+from lightning_slsam import (
+    ARSAM,
+    ASAM,
+    RST,
+    SAM,
+    SLSAM,
+    SSAMD,
+    SSAMF,
+    LayerwiseGNP,
+    LookSAM,
+    Plain,
+    SharpnessAware,
+    SLSAMPlus,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "experiments" / "results"
@@ -197,6 +210,10 @@ FIXED_METHODS: dict[str, tuple[Callable[[], SharpnessAware], str]] = {
     "arsam": (lambda: ARSAM(rho=0.05), "ARSAM, PSF reuse, refresh at most every 5 steps"),
     "looksam": (lambda: LookSAM(rho=0.05, k=5), "LookSAM, a SAM step every 5 steps"),
     "rst": (lambda: RST(rho=0.05, p=0.5, seed=0), "RST, a SAM step with probability 0.5"),
+    "slsam_plus": (
+        lambda: SLSAMPlus(rho=0.05, seed=0),
+        "SL-SAM plus: sparsity 0.2 of the sampled arms, head and 1-D tensors always active, update x min(1/p, 5)",
+    ),
 }
 SLSAM_PATTERN = re.compile(
     r"^(slsam|slsam_uniform)(?:-(\d*\.?\d+))?(?:-(tensor|module|block))?(?:-top(\d*\.?\d+))?(-rm)?(-noreuse)?$"
@@ -215,6 +232,7 @@ ALL_METHODS = (
     "slsam-0.5",
     "slsam-0.2-block",
     "slsam_uniform-0.2",
+    "slsam_plus",
 )
 
 
@@ -624,7 +642,12 @@ def summarise(method: str, rounds: list[list[dict[str, float]]]) -> dict[str, An
     """Statistics of one method's timed steps (``rounds``: the records of each round)."""
     records = [r for rnd in rounds for r in rnd]
     times = [r["time_s"] for r in records]
+    # a method whose steps differ in passes (LookSAM, ARSAM, RST) costs its mean over whole periods; a median
+    # of a few steps can miss its two-pass steps entirely
+    varying = len({r["passes"] for r in records}) > 1
     return {
+        "cost_statistic": "mean" if varying else "median",
+        "cost_step_s": statistics.fmean(times) if varying else statistics.median(times),
         "method": method,
         "description": describe_method(method),
         "steps_timed": len(times),
@@ -648,6 +671,7 @@ def add_ratios(results: dict[str, dict[str, Any]]) -> None:
         for row in results.values():
             row[f"median_vs_{ref_name}"] = row["median_step_s"] / ref["median_step_s"]
             row[f"mean_vs_{ref_name}"] = row["mean_step_s"] / ref["mean_step_s"]
+            row[f"cost_vs_{ref_name}"] = row["cost_step_s"] / ref["cost_step_s"]
             paired = [
                 t / t_ref
                 for rnd, rnd_ref in zip(row["step_times_s"], ref["step_times_s"], strict=True)
@@ -682,9 +706,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"step(s) per fit, methods interleaved {interleave}, order rotated; precision {config['precision']}; "
         f"{config['wall_s']:.0f} s wall. Memory: {memory_what}.",
         "",
-        "| method | median step (ms) | x base | x SAM | paired x base (IQR) | mean x base | peak mem (MiB) | "
-        "mem x base | active pass 1 | active pass 2 | passes/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | median step (ms) | x base | x SAM | paired x base (IQR) | mean x base | cost x SAM | "
+        "peak mem (MiB) | mem x base | active pass 1 | active pass 2 | passes/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in record["results"].values():
         paired = row.get("paired_vs_base_quartiles")
@@ -692,9 +716,15 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append(
             f"| `{row['method']}` | {row['median_step_s'] * 1000:.0f} | {_fmt(row.get('median_vs_base'))} | "
             f"{_fmt(row.get('median_vs_sam'))} | {paired_text} | {_fmt(row.get('mean_vs_base'))} | "
+            f"{_fmt(row.get('cost_vs_sam'))}{'*' if row.get('cost_statistic') == 'mean' else ''} | "
             f"{_fmt(row.get('peak_memory_mib'), '.0f')} | {_fmt(row.get('memory_vs_base'))} | "
             f"{row['active_ratio_pass1']:.3f} | {row['active_ratio_pass2']:.3f} | {row['passes_per_step']:.2f} |"
         )
+    lines += [
+        "",
+        "Cost x SAM: the median step time's ratio, or (*) the mean's for a method whose steps differ in passes "
+        "(LookSAM, ARSAM, RST), timed over whole periods.",
+    ]
     lines += ["", "Methods: " + "; ".join(f"`{r['method']}` {r['description']}" for r in record["results"].values())]
     for name, table in record.get("profiles", {}).items():
         lines += [
@@ -743,6 +773,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tag", default=None, help="file-name tag (default: <preset>_<machine>)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps % 5:
+        warnings.warn(
+            f"--steps {args.steps} is not a multiple of 5: LookSAM's and ARSAM's periods (5 steps) are cut, so their "
+            "mean step time over- or under-counts their two-pass steps",
+            stacklevel=2,
+        )
     for key, minimum in (("steps", 1), ("warmup", 0), ("rounds", 1), ("memory_steps", 1)):
         if getattr(args, key) < minimum:
             parser.error(f"--{key.replace('_', '-')} must be >= {minimum}")
