@@ -1,0 +1,392 @@
+"""Tasks where SAM beats AdamW, and every method on them: run the sweep, summarise it, write the report.
+
+Three subcommands, each one exact command in ``docs/results.md``:
+
+    python experiments/separating_tasks.py run --task digits_noisy --methods base sam slsam slsam_plus \\
+        --lrs 1e-3 3e-3 --seeds 0 1 2 --jobs 2 --out multirun/separating/digits_noisy
+    python experiments/separating_tasks.py summarize multirun/separating/digits_noisy \\
+        --out experiments/results/separating/digits_noisy.json
+    python experiments/separating_tasks.py report experiments/results/separating/digits_noisy.json \\
+        --bench experiments/results/step_resnet20_cifar_digits_amd-epyc-2t.json --assets docs/assets/results/separating
+
+``run`` starts ``slsam-train`` once per (method, learning rate, seed), ``--jobs`` at a time with the cores split
+between them (``OMP_NUM_THREADS``); a run whose ``result.json`` exists is skipped, so an interrupted sweep
+resumes. The per-run folders (Hydra output, logs) stay out of git. ``summarize`` keeps what the report needs
+from each run (best and final validation accuracy, the validation curve per epoch, counters, a downsampled
+sampling-probability history with arm names) in one JSON file, which is committed. ``report`` picks each
+method's best learning rate (highest mean final accuracy over seeds), and writes the markdown tables
+(equal steps: mean ± std over seeds; equal time: accuracy at the time budget of base's run, with each method's
+step time taken from the interleaved step benchmark ``--bench``, never from the sweep's own clock, which
+shares the cores with other runs) and the figures: accuracy against time, and the per-arm probability heatmap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+#: the base overrides of each task (``slsam-train`` keys); method and learning rate are added per run
+TASKS: dict[str, list[str]] = {
+    # ResNet-20 (CIFAR-10 weights) on 1,000 digits with 40% of the labels replaced at random; 359 clean
+    # validation images; long enough that AdamW fits the noise
+    "digits_noisy": [
+        "experiment=digits_resnet20",
+        "data.train_limit=1000",
+        "data.label_noise=0.4",
+        "trainer.max_epochs=20",
+        "scheduler=cosine",
+        "rho=0.1",
+    ],
+    # MiniLM on 1,000 SST-2 sentences with 30% of the labels flipped; the full 872-sentence dev set
+    "sst2_noisy": [
+        "experiment=sst2_minilm",
+        "data.path=../shared/data/sst2",
+        "data.train_limit=1000",
+        "+data.label_noise=0.3",
+        "trainer.max_epochs=6",
+        "data.max_length=48",
+    ],
+}
+
+#: the method overrides of each method name of the sweep (SL-SAM's levers one at a time, then together)
+METHODS: dict[str, list[str]] = {
+    "base": ["method=base"],
+    "sam": ["method=sam"],
+    "looksam": ["method=looksam"],
+    "lagnp": ["method=lagnp"],
+    "rst": ["method=rst"],
+    "arsam": ["method=arsam"],
+    "slsam": ["method=slsam"],
+    "slsam_head": ["method=slsam", "method.always_active=[head]"],
+    "slsam_head_vectors": ["method=slsam", "method.always_active=[head,vectors]"],
+    "slsam_scaled": ["method=slsam", "method.max_update_scale=5.0"],
+    "slsam_rm": ["method=slsam", "method.norm_scale=running_mean"],
+    "slsam_plus": ["method=slsam_plus"],
+}
+
+
+# --- run ------------------------------------------------------------------------------------------------------------
+def run_name(method: str, lr: str, seed: int) -> str:
+    return f"{method}_lr{lr}_s{seed}"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    queue = [(m, lr, s) for s in args.seeds for lr in args.lrs for m in args.methods]
+    running: list[tuple[subprocess.Popen, Path]] = []
+    started: list[tuple[subprocess.Popen, Path]] = []
+    train = [sys.executable, "-c", "from lightning_slsam.cli import main; main()"]
+    for method, lr, seed in queue:
+        folder = out / run_name(method, lr, seed)
+        if (folder / "result.json").exists():
+            continue
+        while len(running) >= args.jobs:
+            running = [(p, f) for p, f in running if p.poll() is None]
+            time.sleep(1)
+        overrides = [
+            *TASKS[args.task],
+            *METHODS[method],
+            f"optimizer.lr={lr}",
+            f"seed={seed}",
+            f"method_label={method}",
+            *args.extra,
+            f"hydra.run.dir={folder}",
+            "save_checkpoints=false",
+            "logger=csv",
+        ]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "command.txt").write_text("slsam-train " + " ".join(overrides[:-3]) + "\n")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        log = (folder / "stdout.txt").open("w")
+        process = subprocess.Popen([*train, *overrides], env=env, stdout=log, stderr=subprocess.STDOUT)
+        running.append((process, folder))
+        started.append((process, folder))
+        print(f"{time.strftime('%H:%M:%S')} started {folder.name}", flush=True)
+    failed = [folder.name for process, folder in started if process.wait() != 0]
+    if failed:
+        print(f"failed runs (see their stdout.txt): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --- summarize ------------------------------------------------------------------------------------------------------
+def _curve(run_dir: Path) -> list[dict[str, float]]:
+    """Validation accuracy per epoch from the CSV logger: ``[{epoch, step, acc}]``."""
+    points: dict[int, dict[str, float]] = {}
+    for metrics in run_dir.rglob("metrics.csv"):
+        with metrics.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("val/acc"):
+                    epoch = int(float(row["epoch"]))
+                    points[epoch] = {"epoch": epoch, "step": int(float(row["step"])), "acc": float(row["val/acc"])}
+    return [points[e] for e in sorted(points)]
+
+
+def _probabilities(run_dir: Path, points: int = 24) -> dict[str, Any] | None:
+    source = run_dir / "probabilities.pt"
+    if not source.is_file():
+        return None
+    import torch
+
+    data = torch.load(source, map_location="cpu", weights_only=True)
+    history = torch.as_tensor(data["history"]).to(torch.float64)
+    if history.ndim != 2 or history.shape[0] == 0:
+        return None
+    every = int(data.get("every") or 1)
+    index = torch.linspace(0, history.shape[0] - 1, min(points, history.shape[0])).round().long()
+    return {
+        "arm_names": [str(n) for n in data.get("arm_names") or []],
+        "steps": [int(i) * every for i in index.tolist()],
+        "history": [[round(float(p), 5) for p in row] for row in history[index].tolist()],
+    }
+
+
+def summarize(args: argparse.Namespace) -> int:
+    runs = []
+    for record_path in sorted(Path(args.sweep).glob("*/result.json")):
+        record = json.loads(record_path.read_text())
+        folder = record_path.parent
+        lr = record["config"]["optimizer"]["lr"]
+        runs.append(
+            {
+                "method": record.get("method_label") or record["method"],
+                "lr": lr,
+                "seed": record["seed"],
+                "best": record["best_metric"],
+                "final": record["final_metric"],
+                "steps": record["steps"],
+                "active_ratio": record.get("active_ratio"),
+                "passes_per_step": record.get("passes_per_step"),
+                "curve": _curve(folder),
+                "probabilities": _probabilities(folder) if record.get("seed") == 0 else None,
+                "command": (folder / "command.txt").read_text().strip() if (folder / "command.txt").exists() else None,
+            }
+        )
+    if not runs:
+        print(f"no result.json below {args.sweep}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    task = Path(args.sweep).name
+    out.write_text(json.dumps({"task": task, "overrides": TASKS.get(task), "runs": runs}, indent=1) + "\n")
+    print(f"{len(runs)} runs -> {out}")
+    return 0
+
+
+# --- report ---------------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def best_learning_rates(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each method's learning rate with the highest mean final accuracy over its seeds (ties: more seeds)."""
+    by: dict[tuple[str, Any], list[float]] = defaultdict(list)
+    for r in runs:
+        by[(r["method"], r["lr"])].append(r["final"])
+    best: dict[str, tuple[float, int, Any]] = {}
+    for (method, lr), finals in by.items():
+        key = (statistics.fmean(finals), len(finals), lr)
+        if method not in best or key[:2] > best[method][:2]:
+            best[method] = key
+    return {m: v[2] for m, v in best.items()}
+
+
+def _accuracy_at_time(curve: list[dict[str, float]], step_cost: float, budget: float) -> float | None:
+    """The best validation accuracy reached within ``budget`` (in base-step units) at ``step_cost`` per step."""
+    reached = [p["acc"] for p in curve if p["step"] * step_cost <= budget + 1e-9]
+    return max(reached) if reached else None
+
+
+def report(args: argparse.Namespace) -> int:
+    summary = json.loads(Path(args.summary).read_text())
+    runs, task = summary["runs"], summary["task"]
+    bench = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
+    cost = {m: row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
+    memory = {m: row.get("memory_vs_base") for m, row in bench.items()}
+    chosen = best_learning_rates(runs)
+    order = [m for m in METHODS if m in chosen]
+    base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)
+    lines = [
+        f"#### `{task}`: each method at its best learning rate (mean ± std over seeds)",
+        "",
+        "| method | lr | seeds | best-epoch acc (%) | final acc (%) | final − SAM | step time x SAM | memory x base |"
+        + (" acc at base's time (%) |" if base_steps else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if base_steps else ""),
+    ]
+    sam_final = None
+    stats: dict[str, dict[str, Any]] = {}
+    for method in order:
+        mine = [r for r in runs if r["method"] == method and r["lr"] == chosen[method]]
+        best_m, best_s = _mean_std([100 * r["best"] for r in mine])
+        final_m, final_s = _mean_std([100 * r["final"] for r in mine])
+        stats[method] = {"final": final_m, "runs": mine}
+        if method == "sam":
+            sam_final = final_m
+    for method in order:
+        mine = stats[method]["runs"]
+        best_m, best_s = _mean_std([100 * r["best"] for r in mine])
+        final_m, final_s = _mean_std([100 * r["final"] for r in mine])
+        gap = "-" if sam_final is None else f"{final_m - sam_final:+.1f}"
+        bench_name = method if method in cost else None
+        ratio = (
+            f"{cost[bench_name] / cost['sam']:.2f}"
+            if bench_name and cost.get("sam") and cost.get(bench_name) is not None
+            else "-"
+        )
+        mem = f"{memory[bench_name]:.2f}" if bench_name and memory.get(bench_name) else "-"
+        row = (
+            f"| `{method}` | {chosen[method]:g} | {len(mine)} | {best_m:.1f} ± {best_s:.1f} | "
+            f"{final_m:.1f} ± {final_s:.1f} | {gap} | {ratio} | {mem} |"
+        )
+        if base_steps:
+            if bench_name and cost.get(bench_name):
+                at = [_accuracy_at_time(r["curve"], cost[bench_name], base_steps) for r in mine]
+                at = [100 * a for a in at if a is not None]
+                row += (
+                    f" {statistics.fmean(at):.1f} ± {statistics.stdev(at) if len(at) > 1 else 0:.1f} |"
+                    if at
+                    else " - |"
+                )
+            else:
+                row += " - |"
+        lines.append(row)
+    lines += [
+        "",
+        "Learning rates tried per method: "
+        + "; ".join(
+            f"`{m}` " + ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in runs if r["method"] == m}))
+            for m in order
+        )
+        + ".",
+    ]
+    assets = Path(args.assets)
+    assets.mkdir(parents=True, exist_ok=True)
+    figure = _plot_accuracy_vs_time(task, order, stats, cost, assets / f"{task}_accuracy_vs_time.png")
+    heatmaps = _plot_heatmaps(task, runs, chosen, assets)
+    text = "\n".join(lines) + "\n"
+    if figure:
+        text += f"\n![accuracy against time, {task}]({figure.name})\n"
+    for path in heatmaps:
+        text += f"\n![sampling probabilities, {path.stem}]({path.name})\n"
+    out = Path(args.out) if args.out else Path(args.summary).with_suffix(".md")
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+MARKERS = "osD^vP*Xhp<>"
+
+
+def _plot_accuracy_vs_time(
+    task: str, order: list[str], stats: dict[str, Any], cost: dict[str, float], path: Path
+) -> Path | None:
+    """Mean validation accuracy (over seeds) against time in base-step units, one marker and colour per method."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    figure = Figure(figsize=(7.5, 4.5))
+    ax = figure.subplots()
+    colours = [f"C{i}" for i in range(10)] + ["black", "grey"]
+    drawn = 0
+    for index, method in enumerate(order):
+        runs = stats[method]["runs"]
+        if method not in cost or not runs or not runs[0]["curve"]:
+            continue
+        epochs = sorted({p["epoch"] for r in runs for p in r["curve"]})
+        xs, ys = [], []
+        for epoch in epochs:
+            values = [p for r in runs for p in r["curve"] if p["epoch"] == epoch]
+            xs.append(statistics.fmean(p["step"] for p in values) * cost[method])
+            ys.append(100 * statistics.fmean(p["acc"] for p in values))
+        ax.plot(
+            xs,
+            ys,
+            marker=MARKERS[index % len(MARKERS)],
+            color=colours[index % len(colours)],
+            label=method,
+            markersize=4,
+            linewidth=1.2,
+        )
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("time (base optimizer steps; each method's step cost from the interleaved benchmark)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{task}: accuracy against time (mean over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _plot_heatmaps(task: str, runs: list[dict[str, Any]], chosen: dict[str, Any], assets: Path) -> list[Path]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    paths = []
+    for method in ("slsam", "slsam_plus"):
+        run_ = next(
+            (r for r in runs if r["method"] == method and r["lr"] == chosen.get(method) and r["probabilities"]), None
+        )
+        if run_ is None:
+            continue
+        probs = run_["probabilities"]
+        names = probs["arm_names"]
+        matrix = list(zip(*probs["history"], strict=True))  # arms x time
+        figure = Figure(figsize=(8, max(3.0, 0.16 * len(matrix) + 1)))
+        ax = figure.subplots()
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_yticks(range(len(names)), names, fontsize=5)
+        ticks = list(range(0, len(probs["steps"]), max(1, len(probs["steps"]) // 6)))
+        ax.set_xticks(ticks, [str(probs["steps"][i]) for i in ticks])
+        ax.set_xlabel("training step")
+        ax.set_title(f"{task}, {method} (lr {run_['lr']:g}, seed 0): sampling probability per arm", fontsize=9)
+        figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+        figure.tight_layout()
+        path = assets / f"{task}_probabilities_{method}.png"
+        figure.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the sweep")
+    p_run.add_argument("--task", choices=sorted(TASKS), required=True)
+    p_run.add_argument("--methods", nargs="+", choices=list(METHODS), required=True)
+    p_run.add_argument("--lrs", nargs="+", required=True, help="learning rates, as written in the run names")
+    p_run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p_run.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    p_run.add_argument("--out", required=True, help="folder of the per-run folders (kept out of git)")
+    p_run.add_argument("--extra", nargs="*", default=[], help="more slsam-train overrides for every run")
+    p_sum = sub.add_parser("summarize", help="one JSON summary of a sweep folder")
+    p_sum.add_argument("sweep")
+    p_sum.add_argument("--out", required=True)
+    p_rep = sub.add_parser("report", help="markdown tables and figures from a summary")
+    p_rep.add_argument("summary")
+    p_rep.add_argument("--bench", default=None, help="the step benchmark's JSON (step-time and memory ratios)")
+    p_rep.add_argument("--assets", default="docs/assets/results/separating")
+    p_rep.add_argument("--out", default=None, help="markdown output (default: the summary's path with .md)")
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    return {"run": run, "summarize": summarize, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
