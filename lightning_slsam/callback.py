@@ -132,6 +132,12 @@ class SharpnessAware(pl.Callback):
         """The method this callback runs, for the model's arms."""
         raise NotImplementedError
 
+    def check_model(self, module: nn.Module) -> None:
+        """Raise a ValueError naming the argument if this callback's arguments do not fit ``module``.
+
+        Called by ``slsam-train`` once the model is built, before any training; the default checks nothing.
+        """
+
     @property
     def state_key(self) -> str:
         """``SharpnessAware[<class>]``: the prefix lets ``on_load_checkpoint`` spot another method's state."""
@@ -675,19 +681,26 @@ class SLSAM(SharpnessAware):
         self.norm_scale = norm_scale
         self.top_fraction = float(top_fraction)
 
+    def check_model(self, module: nn.Module) -> None:
+        if self.always_active:
+            layout = build_arms(module, self.arms)
+            if bool(select_arms(module, layout, self.always_active).all()):
+                raise ValueError(
+                    f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left "
+                    "to sample (use SAM)"
+                )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module  # build_method reads the module's structure for always_active
         super().on_fit_start(trainer, pl_module)
 
     def build_method(self, layout: ArmLayout) -> Method:
         seed = broadcast_seed(self.seed)  # every rank samples the same arms
-        pinned = select_arms(self._module, layout, self.always_active) if self.always_active else None
+        pinned = None
+        if self.always_active:
+            self.check_model(self._module)
+            pinned = select_arms(self._module, layout, self.always_active)
         free = len(layout) if pinned is None else int((~pinned).sum())
-        if free == 0:
-            raise ValueError(
-                f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left to "
-                "sample (use SAM)"
-            )
         window = min(free, math.ceil(self.top_fraction * free - 1e-9))
         if self.sampler == "uniform":
             sampler: ArmSampler = UniformSampler(window, self.sparsity, seed=seed)

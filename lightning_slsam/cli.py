@@ -93,6 +93,10 @@ def train(cfg: DictConfig) -> float:
     optimizer = instantiate_group("optimizer", cfg.optimizer)
     scheduler = instantiate_group("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
     module: pl.LightningModule = instantiate_group("model", cfg.model, optimizer=optimizer, scheduler=scheduler)
+    try:  # arguments that depend on the model (SL-SAM's always_active), before any training
+        method.check_model(module)
+    except ValueError as error:
+        raise ConfigError(f"method.{error}") from error
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     stats = RunStats(metric=cfg.metric)

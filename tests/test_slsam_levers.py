@@ -248,3 +248,18 @@ def test_always_active_problems_are_refused_before_the_first_step(make_trainer, 
         make_trainer(callbacks=[SLSAM(always_active=spec)]).fit(module, tiny_loader)
     for name, value in snapshot(module).items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("spec", ["[nothing.*]", "[model.*]"])
+def test_cli_refuses_a_bad_always_active_before_training(tmp_path, spec: str) -> None:
+    from conftest import SHRINK, compose_config
+
+    from lightning_slsam.cli import ConfigError, train
+
+    cfg = compose_config(
+        ["method=slsam_plus", "model=resnet20_cifar", "model.weights=null", f"method.always_active={spec}", *SHRINK],
+        str(tmp_path),
+    )
+    with pytest.raises(ConfigError, match=r"^method\.always_active: "):
+        train(cfg)
+    assert not (tmp_path / "result.json").exists()
