@@ -110,8 +110,8 @@ def test_bandit_check_catches_scaled_norms(gpu_check, monkeypatch: pytest.Monkey
     """A bandit fed loss-scaled norms under 16-mixed fails the check; the real step passes it."""
     setup = gpu_check.CheckSetup(steps=3)
     batches = gpu_check.make_batches(setup)
-    reference = gpu_check.run_fit("slsam", "32-true", "cpu", setup, batches)
-    honest = gpu_check.run_fit("slsam", "16-mixed", "cpu", setup, batches)
+    reference = gpu_check.run_fit("slsam_fast_bandit", "32-true", "cpu", setup, batches)
+    honest = gpu_check.run_fit("slsam_fast_bandit", "16-mixed", "cpu", setup, batches)
     assert gpu_check.judge_bandit(gpu_check.compare_bandit(honest, reference))[0] == "pass"
 
     measure = mixin._measure_pass_one
@@ -121,7 +121,7 @@ def test_bandit_check_catches_scaled_norms(gpu_check, monkeypatch: pytest.Monkey
         return dataclasses.replace(first, arm_norms=first.arm_norms * first.grad_scale)
 
     monkeypatch.setattr(mixin, "_measure_pass_one", scaled_norms)
-    broken = gpu_check.run_fit("slsam", "16-mixed", "cpu", setup, batches)
+    broken = gpu_check.run_fit("slsam_fast_bandit", "16-mixed", "cpu", setup, batches)
     metrics = gpu_check.compare_bandit(broken, reference)
     status, why = gpu_check.judge_bandit(metrics)
     assert status == "fail", metrics
