@@ -961,7 +961,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=None, help="correctness steps per fit (default 6; dry run 3)")
     parser.add_argument("--presets", nargs="+", default=None, help=f"cost presets (default {' '.join(GPU_PRESETS)})")
-    parser.add_argument("--cost-precision", default="bf16-mixed", help="Trainer precision of the cost section")
+    parser.add_argument(
+        "--cost-precision", choices=PRECISIONS, default="bf16-mixed", help="Trainer precision of the cost section"
+    )
     parser.add_argument(
         "--cost-steps",
         type=int,
@@ -986,6 +988,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps must be >= {2 + CheckSetup.overflow_step} (the overflow step and one after it)")
     if args.cost_steps < 1 or args.cost_steps % LOOKSAM_K:
         parser.error(f"--cost-steps must be a positive multiple of LookSAM's k = {LOOKSAM_K}")
+    unknown = [name for name in args.presets if name not in _load_bench().PRESETS]
+    if unknown:
+        parser.error(f"--presets: unknown preset(s) {', '.join(unknown)}; expected {', '.join(_load_bench().PRESETS)}")
     if args.budget_s <= 0 or args.correctness_budget_s <= 0:
         parser.error("--budget-s and --correctness-budget-s must be > 0")
     if not dry and not torch.cuda.is_available():
@@ -1039,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
         cost: dict[str, Any] = {"reason": "skipped: --skip-cost"}
     else:
         print(f"[gpu_check] cost: {', '.join(args.presets)} ({total.left():.0f} s left)", flush=True)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the bench subprocesses share the GPU with this process
         try:
             cost = run_cost(args.presets, args, args.out, total, tag)
         except Exception as exc:

@@ -179,6 +179,9 @@ def test_bad_arguments_name_the_flag(gpu_check, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--dry-run", "--cost-steps", "7"])
     assert "--cost-steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--dry-run", "--presets", "resnet20_cifar", "no_such_preset"])
+    assert "--presets: unknown preset(s) no_such_preset" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             gpu_check.parse_args([])
