@@ -38,6 +38,7 @@ DOCUMENTED_MODULES = {
     "lightning_slsam.report": None,  # None: the module's __all__
     "lightning_slsam.data": None,
     "lightning_slsam.models": None,
+    "lightning_slsam.arm_groups": ["ARM_GROUPS", "select_arms", "check_spec"],
 }
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>.*)$")
 TITLE = re.compile(r'title="(?P<title>[^"]*)"')
