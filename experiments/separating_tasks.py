@@ -74,6 +74,10 @@ METHODS: dict[str, list[str]] = {
 }
 
 
+#: the step benchmark's names of the sweep's methods where they differ
+BENCH_NAMES: dict[str, str] = {"slsam-0.2": "slsam"}
+
+
 # --- run ------------------------------------------------------------------------------------------------------------
 def run_name(method: str, lr: str, seed: int) -> str:
     return f"{method}_lr{lr}_s{seed}"
@@ -211,8 +215,8 @@ def report(args: argparse.Namespace) -> int:
     summary = json.loads(Path(args.summary).read_text())
     runs, task = summary["runs"], summary["task"]
     bench = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
-    cost = {m: row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
-    memory = {m: row.get("memory_vs_base") for m, row in bench.items()}
+    cost = {BENCH_NAMES.get(m, m): row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
+    memory = {BENCH_NAMES.get(m, m): row.get("memory_vs_base") for m, row in bench.items()}
     chosen = best_learning_rates(runs)
     order = [m for m in METHODS if m in chosen]
     base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)

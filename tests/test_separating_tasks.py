@@ -1,0 +1,132 @@
+"""experiments/separating_tasks.py: learning-rate choice, accuracy at a time budget, summary and report.
+
+The run folders are written here in the formats ``slsam-train`` writes (``result.json``, the CSV logger's
+``metrics.csv``); one real ``slsam-train`` run checks that the summary reads what the CLI really writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "separating_tasks.py"
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    spec = importlib.util.spec_from_file_location("separating_tasks", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["separating_tasks"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("separating_tasks", None)
+
+
+def write_run(root: Path, method: str, lr: float, seed: int, accs: list[float], steps_per_epoch: int = 10) -> None:
+    folder = root / f"{method}_lr{lr:g}_s{seed}"
+    (folder / "logs" / "version_0").mkdir(parents=True)
+    record = {
+        "method": method,
+        "method_label": method,
+        "seed": seed,
+        "best_metric": max(accs),
+        "final_metric": accs[-1],
+        "steps": steps_per_epoch * len(accs),
+        "active_ratio": 1.0,
+        "passes_per_step": 2.0,
+        "config": {"optimizer": {"lr": lr}},
+    }
+    (folder / "result.json").write_text(json.dumps(record))
+    rows = ["epoch,step,train/loss,val/acc"]
+    for epoch, acc in enumerate(accs):
+        rows.append(f"{epoch},{(epoch + 1) * steps_per_epoch - 1},0.5,")  # a training row: no val/acc
+        rows.append(f"{epoch},{(epoch + 1) * steps_per_epoch - 1},,{acc}")
+    (folder / "logs" / "version_0" / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_best_learning_rate_is_the_highest_mean_final(tasks) -> None:
+    runs = [
+        {"method": "sam", "lr": 1e-3, "final": 0.70},
+        {"method": "sam", "lr": 1e-3, "final": 0.74},  # mean 0.72
+        {"method": "sam", "lr": 3e-3, "final": 0.73},  # mean 0.73, one seed
+        {"method": "base", "lr": 1e-3, "final": 0.66},
+        {"method": "base", "lr": 3e-3, "final": 0.60},
+    ]
+    assert tasks.best_learning_rates(runs) == {"sam": 3e-3, "base": 1e-3}
+
+
+def test_accuracy_at_time_is_the_best_within_the_budget(tasks) -> None:
+    curve = [
+        {"epoch": 0, "step": 9, "acc": 0.5},
+        {"epoch": 1, "step": 19, "acc": 0.7},
+        {"epoch": 2, "step": 29, "acc": 0.6},
+    ]
+    assert tasks._accuracy_at_time(curve, 2.0, 40.0) == 0.7  # steps 9 and 19 cost 18 and 38 <= 40
+    assert tasks._accuracy_at_time(curve, 2.0, 37.0) == 0.5
+    assert tasks._accuracy_at_time(curve, 1.0, 5.0) is None
+
+
+def test_summary_and_report(tasks, tmp_path: Path) -> None:
+    sweep = tmp_path / "digits_noisy"
+    for seed in (0, 1):
+        write_run(sweep, "base", 1e-3, seed, [0.5, 0.6, 0.62])
+        write_run(sweep, "sam", 1e-3, seed, [0.5, 0.7, 0.72])
+        write_run(sweep, "sam", 3e-3, seed, [0.4, 0.5, 0.55])
+    summary = tmp_path / "summary.json"
+    assert tasks.main(["summarize", str(sweep), "--out", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    assert data["task"] == "digits_noisy" and data["overrides"] == tasks.TASKS["digits_noisy"]
+    assert len(data["runs"]) == 6
+    run = next(r for r in data["runs"] if r["method"] == "sam" and r["lr"] == 1e-3 and r["seed"] == 0)
+    assert [p["acc"] for p in run["curve"]] == [0.5, 0.7, 0.72]
+
+    bench = tmp_path / "bench.json"
+    bench.write_text(
+        json.dumps(
+            {
+                "results": {
+                    "base": {"cost_vs_base": 1.0, "memory_vs_base": 1.0},
+                    "sam": {"cost_vs_base": 2.0, "memory_vs_base": 1.1},
+                }
+            }
+        )
+    )
+    markdown = tmp_path / "report.md"
+    assets = tmp_path / "assets"
+    assert (
+        tasks.main(["report", str(summary), "--bench", str(bench), "--assets", str(assets), "--out", str(markdown)])
+        == 0
+    )
+    text = markdown.read_text()
+    sam_row = next(line for line in text.splitlines() if line.startswith("| `sam`"))
+    # SAM at its best rate (1e-3): final 72.0 ± 0.0, 2.0x base = 1.00x SAM; at base's 30 steps it has had 15 steps,
+    # so the best epoch reached by then is epoch 0 (step 9, 18 base steps): 50.0
+    assert "| 0.001 | 2 |" in sam_row and "72.0 ± 0.0" in sam_row and "| 1.00 |" in sam_row and "50.0 ± 0.0" in sam_row
+    base_row = next(line for line in text.splitlines() if line.startswith("| `base`"))
+    assert "-10.0" in base_row and "62.0 ± 0.0" in base_row
+    pytest.importorskip("matplotlib")
+    assert (assets / "digits_noisy_accuracy_vs_time.png").is_file()
+
+
+def test_summary_reads_a_real_run(tasks, tmp_path: Path) -> None:
+    from conftest import SHRINK, compose_config
+
+    from lightning_slsam.cli import train
+
+    folder = tmp_path / "digits_noisy" / "base_lr0.001_s0"
+    overrides = [o for o in SHRINK if o not in ("trainer.max_epochs=1", "logger=none")]
+    cfg = compose_config(
+        ["method=base", "model.weights=null", "trainer.max_epochs=2", "logger=csv", *overrides], str(folder)
+    )
+    train(cfg)
+    summary = tmp_path / "summary.json"
+    assert tasks.main(["summarize", str(tmp_path / "digits_noisy"), "--out", str(summary)]) == 0
+    (run,) = json.loads(summary.read_text())["runs"]
+    assert run["method"] == "base" and run["seed"] == 0 and run["lr"] == cfg.optimizer.lr
+    assert [p["epoch"] for p in run["curve"]] == [0, 1]
+    assert run["curve"][-1]["acc"] == pytest.approx(run["final"])
