@@ -35,6 +35,7 @@ class SLSAMMethod(Method):
         super().__init__(rho)
         self.sampler = sampler
         self._pending: tuple[Tensor, Tensor, Any] | None = None
+        self._before_step: dict[str, Any] | None = None
 
     def setup(self, layout) -> None:
         super().setup(layout)
@@ -58,6 +59,18 @@ class SLSAMMethod(Method):
             event.record()
             norms = host
         self._pending = (first.active, norms, event)
+
+    def begin_step(self) -> None:
+        # the previous step's update first, then a copy of the sampler (probabilities, generator: N floats and
+        # a CPU generator state), so that a skipped step neither teaches the bandit nor moves its generator
+        self._flush()
+        self._before_step = self.sampler.state_dict()
+
+    def discard_step(self) -> None:
+        self._pending = None
+        if self._before_step is not None:
+            self.sampler.load_state_dict(self._before_step)
+            self._before_step = None
 
     def _flush(self) -> None:
         if self._pending is None:
