@@ -241,6 +241,6 @@ def test_many_skipped_steps_in_a_row_stop_training(name: str) -> None:
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, True])
 def test_max_skipped_steps_is_validated(value: Any) -> None:
-    with pytest.raises(ValueError, match="^max_skipped_steps"):
+    with pytest.raises(ValueError, match=r"^max_skipped_steps"):
         SAM(max_skipped_steps=value)
     assert SAM(max_skipped_steps=None).skipped.max_consecutive is None
