@@ -117,7 +117,9 @@ def assert_bitwise_same(actual: Any, expected: Any, where: str = "state") -> Non
     if isinstance(expected, Tensor):
         assert isinstance(actual, Tensor), f"{where}: {type(actual).__name__} instead of a tensor"
         assert actual.dtype == expected.dtype and actual.shape == expected.shape, f"{where}: dtype or shape changed"
-        assert torch.equal(actual, expected), f"{where} changed (max abs difference {(actual - expected).abs().max()})"
+        if not torch.equal(actual, expected):
+            difference = (actual.double() - expected.double()).abs().max() if actual.is_floating_point() else "-"
+            raise AssertionError(f"{where} changed (max abs difference {difference})")
     elif isinstance(expected, dict):
         assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: keys changed"
         for key in expected:
@@ -244,3 +246,168 @@ def test_max_skipped_steps_is_validated(value: Any) -> None:
     with pytest.raises(ValueError, match=r"^max_skipped_steps"):
         SAM(max_skipped_steps=value)
     assert SAM(max_skipped_steps=None).skipped.max_consecutive is None
+
+
+# --- 3. exact resume through slsam-train, killed with SIGKILL -------------------------------------------------------
+# The real entry point (Hydra's main) runs in a forked child, which imports nothing anew; a patched
+# compute_loss kills the child with SIGKILL in the middle of a step (pass 2), after a checkpoint was written.
+STEPS_PER_EPOCH = 5
+EPOCHS = 3
+RUN = [
+    "experiment=digits_resnet20",
+    "method=slsam",
+    "method.sparsity=0.5",
+    "model.weights=null",
+    "data.image_size=8",
+    f"data.train_limit={8 * STEPS_PER_EPOCH}",
+    "data.batch_size=8",
+    "scheduler=cosine",  # its total_steps reads estimated_stepping_batches: Lightning issue 20550's path
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.limit_val_batches=1",
+    "trainer.deterministic=true",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+    "checkpoint_every_n_steps=2",
+]
+
+
+def _slsam_train(argv: list[str], kill_at: tuple[int, int] | None) -> None:
+    """In a forked child: ``slsam-train *argv``; SIGKILL in pass 2 of the step at (epoch, global step) ``kill_at``."""
+    import os
+    import signal
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_slsam import cli
+    from lightning_slsam.models.classifier import Classifier
+
+    torch.set_num_threads(1)
+    if kill_at is not None:
+        original = Classifier.compute_loss
+        calls: dict[tuple[int, int], int] = {}
+
+        def compute_loss(self: Classifier, batch: Any) -> Tensor:
+            where = (self.trainer.current_epoch, self.trainer.global_step)
+            calls[where] = calls.get(where, 0) + 1
+            if where == kill_at and calls[where] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, batch)
+
+        Classifier.compute_loss = compute_loss  # type: ignore[method-assign]
+    GlobalHydra.instance().clear()
+    sys.argv = ["slsam-train", *argv]
+    cli.main()
+
+
+def run_cli(run_dir: Any, kill_at: tuple[int, int] | None = None, ckpt_path: Any = None) -> int:
+    """The child's exit code (``-SIGKILL`` when it was killed)."""
+    import multiprocessing
+    import signal
+
+    argv = [*RUN, f"hydra.run.dir={run_dir}"] + ([f"ckpt_path={ckpt_path}"] if ckpt_path is not None else [])
+    child = multiprocessing.get_context("fork").Process(target=_slsam_train, args=(argv, kill_at))
+    child.start()
+    child.join(timeout=300)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("slsam-train did not finish within 300 s")
+    assert child.exitcode in (0, -signal.SIGKILL), f"slsam-train failed with exit code {child.exitcode}"
+    return int(child.exitcode)
+
+
+def resumable_state(path: Any) -> dict[str, Any]:
+    """What must continue exactly: weights, optimizer, SL-SAM's callback state (sampler, counters, history),
+    the training loader's position, the global RNG states, the global step and epoch."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    callbacks = checkpoint["callbacks"]
+    return {
+        "weights": checkpoint["state_dict"],
+        "optimizer": checkpoint["optimizer_states"],
+        "schedulers": checkpoint["lr_schedulers"],
+        "slsam": callbacks["SharpnessAware[SLSAM]"],
+        "rng": callbacks["RNGState"],
+        "data": checkpoint["DigitsDataModule"],
+        "step": checkpoint["global_step"],
+        "epoch": checkpoint["epoch"],
+    }
+
+
+def test_killed_runs_resume_exactly(tmp_path: Any) -> None:
+    """Killed mid-epoch (last checkpoint: step 6, one batch into epoch 1), resumed, killed again in the first
+    step of epoch 2 (last checkpoint: the end of epoch 1), resumed again: the end state equals an uninterrupted
+    run's bitwise, and each run's result.json holds its record so far (the last one: the whole run)."""
+    import json
+    import signal
+
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    assert run_cli(uninterrupted) == 0
+    assert run_cli(killed / "1", kill_at=(1, 7)) == -signal.SIGKILL
+    first = killed / "1" / "checkpoints" / "last.ckpt"
+    assert resumable_state(first)["step"] == 6 and resumable_state(first)["data"]["train_loader"]["batches"] == 1
+    record = json.loads((killed / "1" / "result.json").read_text())  # written at the end of epoch 0
+    assert record["steps"] == STEPS_PER_EPOCH
+
+    assert run_cli(killed / "2", kill_at=(2, 10), ckpt_path=first) == -signal.SIGKILL
+    second = killed / "2" / "checkpoints" / "last.ckpt"
+    assert resumable_state(second)["step"] == 2 * STEPS_PER_EPOCH  # the end of epoch 1, after its validation
+    assert run_cli(killed / "3", ckpt_path=second) == 0
+
+    final = uninterrupted / "checkpoints" / "last.ckpt"
+    assert_bitwise_same(resumable_state(killed / "3" / "checkpoints" / "last.ckpt"), resumable_state(final))
+    whole = json.loads((uninterrupted / "result.json").read_text())
+    resumed = json.loads((killed / "3" / "result.json").read_text())
+    assert resumed["steps"] == whole["steps"] == EPOCHS * STEPS_PER_EPOCH
+    for key in ("best_metric", "final_metric", "active_ratio", "active_ratio_pass2", "passes_per_step"):
+        assert resumed[key] == whole[key], key
+
+
+class DropoutNet(TinyNet):
+    """TinyNet with dropout: its masks come from the global torch RNG, which a resume must continue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model.insert(2, torch.nn.Dropout(0.5))
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class Crash(L.Callback):
+    """Raises at the start of the batch that would take global step ``at`` + 1 (a crash after step ``at``)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise SimulatedCrash(f"after global step {self.at}")
+
+
+def test_mid_epoch_resume_with_dropout_and_a_plain_trainer(tmp_path: Any) -> None:
+    """Without the CLI: a ResumableDataLoader handed to Trainer.fit, RNGState and a step checkpoint resume a
+    dropout model mid-epoch bitwise (Lightning's own loader-state path; the CLI test covers the data module's)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_slsam.data import ResumableDataLoader
+    from lightning_slsam.rng_state import RNGState
+
+    def fit(directory: Any, crash_at: int | None = None, ckpt_path: Any = None) -> DropoutNet:
+        L.seed_everything(0, verbose=False)
+        module = DropoutNet()
+        callbacks = [SLSAM(rho=RHO, sparsity=0.5, seed=0), RNGState()]
+        callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=2, save_top_k=0, save_last=True))
+        if crash_at is not None:
+            callbacks.append(Crash(crash_at))
+        trainer = quiet_trainer(callbacks=callbacks, max_steps=-1, max_epochs=2, enable_checkpointing=True)
+        trainer.fit(module, ResumableDataLoader(make_dataset(), batch_size=16, seed=0), ckpt_path=ckpt_path)
+        return module
+
+    whole = fit(tmp_path / "whole")
+    with pytest.raises(SimulatedCrash):
+        fit(tmp_path / "crashed", crash_at=3)
+    assert torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = fit(tmp_path / "resumed", ckpt_path=tmp_path / "crashed" / "last.ckpt")
+    assert_bitwise_same(snapshot(resumed), snapshot(whole))
