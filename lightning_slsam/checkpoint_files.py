@@ -53,9 +53,14 @@ def read_torch_file(path: str | Path, argument: str, weights_only: bool, mmap: b
         return torch.load(file, map_location="cpu", weights_only=weights_only, mmap=mmap and is_zip)
     except Exception as error:  # any unpickling failure means the same thing here
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        what = "a corrupt PyTorch file" if is_zip else "not a PyTorch file"
-        if weights_only and "weights only load failed" in reason.lower():
+        pickled = head.startswith(b"\x80")  # torch's legacy format: a pickle (protocol 2 or later)
+        what = "a corrupt PyTorch file"
+        if weights_only and (is_zip or pickled) and "weights only load failed" in reason.lower():
             what = "a PyTorch file that torch.load(weights_only=True) refuses (it holds arbitrary objects)"
+        if not (is_zip or pickled):  # the unpickler's complaint about a foreign file says nothing useful
+            raise CheckpointFileError(
+                f"{argument}: {str(path)!r} is not a PyTorch file ({size} bytes, starting with {head.hex()})"
+            ) from None
         raise CheckpointFileError(
             f"{argument}: {str(path)!r} is {what} ({size} bytes; {type(error).__name__}: {reason[:200]})"
         ) from error

@@ -411,3 +411,134 @@ def test_mid_epoch_resume_with_dropout_and_a_plain_trainer(tmp_path: Any) -> Non
     assert torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)["global_step"] == 2
     resumed = fit(tmp_path / "resumed", ckpt_path=tmp_path / "crashed" / "last.ckpt")
     assert_bitwise_same(snapshot(resumed), snapshot(whole))
+
+
+# --- 2 and 5. bad inputs, refused before training with the key named ------------------------------------------
+def _build_nothing(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("a model was built although the configuration is invalid")
+
+
+def _one_line_config_error(overrides: list[str], tmp_path: Any, match: str) -> str:
+    from conftest import SHRINK, compose_config
+
+    from lightning_slsam.cli import ConfigError, train
+
+    cfg = compose_config([*overrides, *SHRINK], str(tmp_path))
+    with pytest.raises(ConfigError, match=match) as error:
+        train(cfg)
+    assert "\n" not in str(error.value), "the error should be one line"
+    return str(error.value)
+
+
+def _write_tsv(folder: Any, labels: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"text number {i}\t{label}\n" for i, label in enumerate(labels))
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("text\tlabel\n" + rows)
+
+
+def test_text_label_count_is_checked_before_the_model_is_built(tmp_path: Any, monkeypatch: Any) -> None:
+    """text_tsv with labels 0, 1, 2 and the default model.num_labels=2 was an IndexError mid-training."""
+    from lightning_slsam.models.text_classifier import TextClassifier
+
+    monkeypatch.setattr(TextClassifier, "__init__", _build_nothing)
+    _write_tsv(tmp_path / "tsv", ["0", "1", "2", "1", "0", "2"])
+    overrides = ["experiment=sst2_minilm", "data=text_tsv", f"data.path={tmp_path / 'tsv'}"]
+    message = _one_line_config_error(overrides, tmp_path, r"^model\.num_labels=2 ")
+    assert "3 classes" in message and "data.label_column='label'" in message and "model.num_labels=3" in message
+
+
+def test_null_label_count_is_taken_from_the_data(tmp_path: Any) -> None:
+    from conftest import compose_config
+
+    from lightning_slsam.cli import _match_label_count, instantiate_group
+
+    _write_tsv(tmp_path / "tsv", ["a", "b", "c", "a"])
+    overrides = ["experiment=sst2_minilm", "data=text_tsv", f"data.path={tmp_path / 'tsv'}", "model.num_labels=null"]
+    cfg = compose_config(overrides, str(tmp_path))
+    _match_label_count(cfg, instantiate_group("data", cfg.data))
+    assert cfg.model.num_labels == 3
+
+
+def test_image_class_count_is_checked(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
+    message = _one_line_config_error(["model.num_classes=5"], tmp_path, r"^model\.num_classes=5 ")
+    assert "10 classes" in message
+
+
+def _torch_file(path: Any, content: Any) -> Any:
+    torch.save(content, path)
+    return path
+
+
+def _damaged_files(tmp_path: Any) -> dict[str, tuple[Any, str]]:
+    """File -> what the error must say about it."""
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    whole = _torch_file(tmp_path / "whole.ckpt", {"state_dict": {"w": torch.ones(1000)}, "loops": {}})
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    random_bytes = tmp_path / "random.ckpt"
+    noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    random_bytes.write_bytes(b"no checkpoint" + noise.numpy().tobytes())
+    return {
+        "empty": (empty, "is empty"),
+        "truncated": (truncated, "is truncated or corrupt"),
+        "random": (random_bytes, "not a PyTorch file"),
+    }
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "not-lightning"])
+def test_damaged_checkpoint_is_refused_before_training(damage: str, tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
+    files = _damaged_files(tmp_path)
+    files["not-lightning"] = (_torch_file(tmp_path / "weights.pt", {"w": torch.ones(2)}), "not a Lightning checkpoint")
+    path, says = files[damage]
+    message = _one_line_config_error([f"ckpt_path={path}"], tmp_path, r"^ckpt_path: ")
+    assert str(path) in message and says in message
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_weights_file_is_refused_before_training(damage: str, tmp_path: Any) -> None:
+    path, says = _damaged_files(tmp_path)[damage]
+    message = _one_line_config_error([f"model.weights={path}"], tmp_path, r"^model\.weights: ")
+    assert str(path) in message and says in message
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("method.bandit_lr=inf", "method.bandit_lr"),
+        ("method.bandit_lr=nan", "method.bandit_lr"),
+        ("method.clip_grad_norm=inf", "method.clip_grad_norm"),
+        ("method.clip_grad_value=nan", "method.clip_grad_value"),
+        ("method.max_skipped_steps=0", "method.max_skipped_steps"),
+        ("checkpoint_every_n_steps=0", "checkpoint_every_n_steps"),
+    ],
+)
+def test_non_finite_arguments_are_refused(override: str, key: str, tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
+    _one_line_config_error([override], tmp_path, rf"^{key}: ")
+
+
+def test_non_utf8_tsv_names_file_and_line(tmp_path: Any) -> None:
+    from lightning_slsam.data.text_tsv import TextTSVDataModule
+
+    _write_tsv(tmp_path, ["0", "1", "0", "1"])
+    (tmp_path / "train.tsv").write_bytes(b"text\tlabel\nfine\t0\ncaf\xe9 au lait\t1\nok\t0\n")  # latin-1 e-acute
+    with pytest.raises(ValueError, match=r"train\.tsv:3: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        TextTSVDataModule(path=str(tmp_path))
+
+
+def test_endless_run_warns(tmp_path: Any, monkeypatch: Any) -> None:
+    from conftest import SHRINK, compose_config
+
+    from lightning_slsam.cli import ConfigError, train
+
+    monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
+    cfg = compose_config([*SHRINK, "trainer.max_epochs=-1"], str(tmp_path))
+    with (
+        pytest.warns(UserWarning, match=r"trainer\.max_epochs=-1: Lightning trains until"),
+        pytest.raises(ConfigError, match="model: a model was built"),
+    ):
+        train(cfg)
