@@ -542,3 +542,69 @@ def test_endless_run_warns(tmp_path: Any, monkeypatch: Any) -> None:
         pytest.raises(ConfigError, match="model: a model was built"),
     ):
         train(cfg)
+
+
+def _flat(batch: Any) -> list[Tensor]:
+    if isinstance(batch, dict):
+        return [batch[key] for key in sorted(batch)]
+    return list(batch)
+
+
+def _make_data(kind: str, tmp_path: Any) -> Any:
+    from test_data import fake_cifar10
+
+    from lightning_slsam.data import CIFARDataModule, DigitsDataModule, GLUEDataModule, TextTSVDataModule
+
+    if kind == "digits":
+        return DigitsDataModule(batch_size=16, train_limit=80, seed=3)
+    if kind == "cifar":
+        if not (tmp_path / "cifar-10-batches-py").is_dir():
+            fake_cifar10(tmp_path)
+        return CIFARDataModule(root=str(tmp_path), batch_size=3, augment=False, seed=3)
+    labels = ["0", "1"] * 10
+    _write_tsv(tmp_path / "tsv", labels)
+    if kind == "text_tsv":
+        return TextTSVDataModule(path=str(tmp_path / "tsv"), batch_size=3, max_length=16, seed=3)
+    (tmp_path / "tsv" / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"s {i}\t{i % 2}\n" for i in range(20)))
+    (tmp_path / "tsv" / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"d {i}\t{i % 2}\n" for i in range(4)))
+    return GLUEDataModule("sst2", path=str(tmp_path / "tsv"), batch_size=3, max_length=16, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["digits", "cifar", "text_tsv", "glue"])
+def test_every_data_module_continues_its_order(kind: str, tmp_path: Any) -> None:
+    """Each data module's training loader: a new order each epoch, and a new module restored from the state
+    saved after k batches of epoch 1 serves exactly the remaining batches of that epoch."""
+    reference = _make_data(kind, tmp_path)
+    reference.setup("fit")
+    loader = reference.train_dataloader()
+    epochs = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        epochs.append([_flat(batch) for batch in loader])
+    differs = [not torch.equal(x, y) for a, b in zip(*epochs, strict=True) for x, y in zip(a, b, strict=True)]
+    assert any(differs), "epoch 1 repeats epoch 0's order"
+
+    cut = 2
+    loader.sampler.set_epoch(1)
+    iterator = iter(loader)
+    for _ in range(cut):
+        next(iterator)
+    state = reference.state_dict()
+    assert state["train_loader"]["epoch"] == 1 and state["train_loader"]["batches"] == cut
+
+    resumed = _make_data(kind, tmp_path)
+    resumed.load_state_dict(state)  # Lightning restores the data module before it asks for loaders
+    resumed.setup("fit")
+    again = resumed.train_dataloader()
+    again.sampler.set_epoch(1)
+    assert_bitwise_same([_flat(batch) for batch in again], epochs[1][cut:])
+    assert_bitwise_same([_flat(batch) for batch in again], epochs[1])  # the epoch after that one starts afresh
+
+
+def test_mid_epoch_position_refuses_changed_data() -> None:
+    from lightning_slsam.data import ResumableDataLoader
+
+    loader = ResumableDataLoader(make_dataset(), batch_size=16, seed=0)
+    loader.load_state_dict({"epoch": 0, "batches": 2, "batch_size": 32, "num_samples": 96, "seed": 0})
+    with pytest.raises(ValueError, match=r"^train loader: .*epoch 0.*batch_size 32 -> 16"):
+        next(iter(loader))
