@@ -35,6 +35,7 @@ from lightning_slsam.samplers import (
     UniformSampler,
     _check_sparsity,
 )
+from lightning_slsam.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS, SkippedSteps, check_max_skipped_steps
 
 BN_RUNNING_STATS = ("pass1", "both")
 STATE_KEY_PREFIX = "SharpnessAware["
@@ -67,12 +68,17 @@ class SharpnessAware(pl.Callback):
             module calls below the lowest active module from pass 1 instead of computing them again (default
             True; exact, see ``prefix_reuse.py``; False for a model whose modules read other modules'
             parameters without owning them).
+        max_skipped_steps: a step whose gradients are not finite (NaN or inf, in any pass) is skipped with a
+            warning, weights, optimizer and method state unchanged; this many skipped steps in a row stop
+            training with :class:`~lightning_slsam.skipped_steps.NonFiniteTrainingError` (int >= 1, default 50;
+            None never stops).
 
     Logged every step (``self.log`` of the module, so any Lightning logger gets them):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
     ``train/grad_norm`` (``||g||`` over the pass-1 arms, unscaled), ``train/active_ratio`` (fraction of
     trainable elements with a gradient in pass 1), ``train/active_ratio_pass2`` (the same for pass 2; 0 on
-    a one-pass step) and ``train/passes`` (1 or 2 forward-backward passes this step).
+    a one-pass step), ``train/passes`` (1 or 2 forward-backward passes this step) and ``train/skipped_steps``
+    (steps skipped for non-finite gradients since training began).
     At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began.
     """
 
@@ -86,6 +92,7 @@ class SharpnessAware(pl.Callback):
         check_ranks: bool = False,
         history_every: int = 1,
         reuse_prefix: bool = True,
+        max_skipped_steps: int | None = DEFAULT_MAX_SKIPPED_STEPS,
     ) -> None:
         if arms not in ARM_MODES:
             raise ValueError(f"arms: unknown arms mode {arms!r}; expected one of {', '.join(ARM_MODES)}")
@@ -98,8 +105,10 @@ class SharpnessAware(pl.Callback):
                 f"accumulate: the number of micro-batches per step must be an int >= 1, got {accumulate!r}"
             )
         for key, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{key}: must be a number > 0 or None, got {value!r}")
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+            ):
+                raise ValueError(f"{key}: must be a finite number > 0 or None, got {value!r}")
         if not (isinstance(history_every, int) and history_every >= 0):
             raise ValueError(f"history_every: must be an int >= 0 (0 keeps no history), got {history_every!r}")
         self.arms = arms
@@ -112,6 +121,8 @@ class SharpnessAware(pl.Callback):
         if not isinstance(reuse_prefix, bool):
             raise ValueError(f"reuse_prefix: must be True or False, got {reuse_prefix!r}")
         self.reuse_prefix = reuse_prefix
+        #: steps skipped for non-finite gradients (issue 15); part of the checkpoint
+        self.skipped = SkippedSteps(check_max_skipped_steps(max_skipped_steps), owner=type(self).__name__)
         #: the pass-2 replay of pass 1's prefix calls, set up at fit start when the method can use it
         self.prefix_reuse: PrefixReuse | None = None
         self.method: Method | None = None
@@ -305,6 +316,13 @@ class SharpnessAware(pl.Callback):
         # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
         module.log("train/active_ratio_pass2", ratio2)
 
+    def record_skip(
+        self, module: pl.LightningModule, skipped: bool, global_step: int, where: str, scaler: bool
+    ) -> None:
+        """Count a skipped step (warns; raises after ``max_skipped_steps`` in a row) and log the running count."""
+        self.skipped.record(skipped, global_step, where, scaler)
+        module.log("train/skipped_steps", float(self.skipped.total))
+
     @property
     def mean_active_ratio(self) -> float:
         """Mean active-parameter ratio (pass 1) over all steps so far; 0 before the first step."""
@@ -342,6 +360,7 @@ class SharpnessAware(pl.Callback):
             "active_ratio2_sum": self.active_ratio2_sum,
             "passes_sum": self.passes_sum,
             "selection_counts": self.selection_counts.clone(),
+            "skipped_steps": self.skipped.state_dict(),
             "history": list(self._history),
         }
 
@@ -374,6 +393,7 @@ class SharpnessAware(pl.Callback):
         self.passes_sum = int(state["passes_sum"])
         self.selection_counts = state["selection_counts"].clone()
         self._history = list(state["history"])
+        self.skipped.load_state_dict(state.get("skipped_steps", {}))  # absent in checkpoints before issue 15
 
 
 class Plain(SharpnessAware):
@@ -666,7 +686,8 @@ class SLSAM(SharpnessAware):
             raise ValueError(f"max_update_scale: must be a finite number >= 1 or None, got {max_update_scale!r}")
         self.max_update_scale = max_update_scale
         _check_sparsity(sparsity)
-        if not (isinstance(bandit_lr, (int, float)) and 0.0 <= bandit_lr < float("inf")):
+        is_number = isinstance(bandit_lr, (int, float)) and not isinstance(bandit_lr, bool)
+        if not (is_number and math.isfinite(bandit_lr) and bandit_lr >= 0.0):  # inf freezes the bandit, NaN poisons it
             raise ValueError(f"bandit_lr: the bandit step size must be a finite number >= 0, got {bandit_lr!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")

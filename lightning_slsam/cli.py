@@ -4,8 +4,8 @@
     slsam-train method=slsam method.sparsity=0.5  # any key of conf/ from the command line
     slsam-train -m method=base,sam,slsam seed=0,1,2   # a sweep; then: slsam-report multirun/<date>
 
-Each run writes ``result.json`` (docs/results-record.md) into its Hydra output directory and returns the
-best validation metric, so sweepers can optimise it.
+Each run writes ``result.json`` (docs/results-record.md) into its Hydra output directory, at every validation
+and at the end, and returns the best validation metric, so sweepers can optimise it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_slsam.callback import SharpnessAware
+from lightning_slsam.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
 from lightning_slsam.config_schema import register_schemas
+from lightning_slsam.rng_state import RNGState
 from lightning_slsam.run_stats import RunStats
 
 log = logging.getLogger("lightning_slsam")
@@ -65,6 +68,67 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"metric: must name a logged validation metric such as val/acc, got {cfg.metric!r}")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path!r}")
+    _check_run_safety(cfg)
+
+
+# --- issue 15: bad inputs caught before training (checkpoint files, label counts, endless runs) -----------
+def _check_run_safety(cfg: DictConfig) -> None:
+    """A corrupt ``ckpt_path``, a bad ``checkpoint_every_n_steps``, and a warning for ``max_epochs=-1``."""
+    if cfg.ckpt_path is not None:
+        try:
+            check_lightning_checkpoint(cfg.ckpt_path, "ckpt_path")
+        except CheckpointFileError as error:
+            raise ConfigError(str(error)) from None
+    every = cfg.get("checkpoint_every_n_steps")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"checkpoint_every_n_steps: must be an int >= 1 or null, got {every!r}")
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) in (-1, None) and not trainer.get("max_time"):
+        warnings.warn(
+            "trainer.max_epochs=-1: Lightning trains until the process is stopped (trainer.max_steps=-1 and no "
+            "trainer.max_time either); set one of them to end the run",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _match_label_count(cfg: DictConfig, data: Any) -> None:
+    """The model's class count (``model.num_labels`` / ``model.num_classes``) must equal the data's.
+
+    A null value is taken from the data. Checked before the model is built, so that a label outside the
+    head is not a raw ``IndexError`` in the middle of training.
+    """
+    keys = ("num_labels", "num_classes")
+    count = next((getattr(data, key) for key in keys if isinstance(getattr(data, key, None), int)), None)
+    model_key = next((key for key in keys if key in cfg.model), None)
+    if count is None or model_key is None:
+        return
+    value = cfg.model[model_key]
+    if value is None:
+        cfg.model[model_key] = count
+        return
+    if value != count:
+        names = getattr(data, "label_names", None)
+        shown = f" {list(names)[:10]}" if names else ""
+        column = getattr(data, "label_column", None)
+        source = f"data={HydraConfig.get().runtime.choices.get('data')}" + (
+            f", data.label_column={column!r}" if column is not None else ""
+        )
+        raise ConfigError(
+            f"model.{model_key}={value} does not match the data: it has {count} classes{shown} ({source}); set "
+            f"model.{model_key}={count}, or model.{model_key}=null to take the count from the data"
+        )
+
+
+class _RecordAtValidation(pl.Callback):
+    """Writes ``result.json`` after every validation, so a killed run leaves its record so far."""
+
+    def __init__(self, write: Any) -> None:
+        self.write = write
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self.write(trainer)
 
 
 def _progress_bar() -> pl.Callback:
@@ -90,6 +154,7 @@ def train(cfg: DictConfig) -> float:
     # cheap constructors first, so a bad value fails before a model is built or data is read
     method: SharpnessAware = instantiate_group("method", cfg.method)
     data: pl.LightningDataModule = instantiate_group("data", cfg.data)
+    _match_label_count(cfg, data)  # issue 15
     optimizer = instantiate_group("optimizer", cfg.optimizer)
     scheduler = instantiate_group("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
     module: pl.LightningModule = instantiate_group("model", cfg.model, optimizer=optimizer, scheduler=scheduler)
@@ -101,6 +166,9 @@ def train(cfg: DictConfig) -> float:
 
     stats = RunStats(metric=cfg.metric)
     callbacks: list[pl.Callback] = [method, stats]
+    # issue 15: exact resume (global RNG states in the checkpoint) and a record at every validation
+    callbacks.append(RNGState())
+    callbacks.append(_RecordAtValidation(lambda t: _write_record(cfg, run_dir, t, method, stats, _best(stats))))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(_progress_bar())
     if cfg.save_checkpoints:
@@ -114,6 +182,15 @@ def train(cfg: DictConfig) -> float:
                 filename="best-epoch{epoch}",
             )
         )
+    if cfg.save_checkpoints and cfg.get("checkpoint_every_n_steps"):  # issue 15: last.ckpt every N steps too
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                every_n_train_steps=int(cfg.checkpoint_every_n_steps),
+                save_top_k=0,
+                save_last=True,
+            )
+        )
     logger = instantiate_group("logger", cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate_group(
         "trainer",
@@ -125,11 +202,15 @@ def train(cfg: DictConfig) -> float:
     )
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
 
-    best = stats.best if math.isfinite(stats.best) else float("nan")
+    best = _best(stats)
     if trainer.is_global_zero:
         _write_record(cfg, run_dir, trainer, method, stats, best)
         print(f"best {cfg.metric}: {best:.4f}  (results in {run_dir})")
     return best
+
+
+def _best(stats: RunStats) -> float:
+    return stats.best if math.isfinite(stats.best) else float("nan")
 
 
 def _write_record(
@@ -155,7 +236,9 @@ def _write_record(
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").write_text(json.dumps(record, indent=2, default=str))
+    partial = run_dir / "result.json.tmp"  # written whole, then renamed: a kill leaves the previous record
+    partial.write_text(json.dumps(record, indent=2, default=str))
+    partial.replace(run_dir / "result.json")
     history = method.probability_history()
     if history is not None and method.layout is not None:
         torch.save(

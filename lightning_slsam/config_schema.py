@@ -24,6 +24,7 @@ class CommonOptions:
     check_ranks: bool = False
     history_every: int = 1
     reuse_prefix: bool = True
+    max_skipped_steps: Optional[int] = 50  # noqa: UP045 - steps skipped in a row (non-finite) that stop training
 
 
 @dataclass

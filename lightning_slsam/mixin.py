@@ -20,6 +20,7 @@ from lightning_slsam.arms import ArmLayout
 from lightning_slsam.distributed import all_reduce_mean
 from lightning_slsam.lr_schedules import split_monitors, step_schedulers
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.skipped_steps import SkippedSteps, all_finite
 
 if TYPE_CHECKING:
     from lightning_slsam.callback import SharpnessAware
@@ -107,6 +108,7 @@ class SharpnessAwareMixin:
         # carry a stale gradient into this step's norms
         for p in layout.params:
             p.grad = None
+        method.begin_step()  # issue 15: a skipped step puts the method back as it is now (discard_step)
         active1 = method.pass1_arms()
         callback.check_arms(active1)
         _set_requires_grad(layout, active1)
@@ -121,6 +123,7 @@ class SharpnessAwareMixin:
             first = _measure_pass_one(layout, active1, scaler if method.measures_norms else False)
             # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
             finite = bool(first.finite) if method.measures_norms else True
+            finite_pass1 = finite
             active2 = method.pass2_arms(first) if finite else None
             loss2 = None
             if active2 is not None:
@@ -133,24 +136,43 @@ class SharpnessAwareMixin:
                 reuse.clear()
 
         all_reduce_mean([p.grad for p in layout.params if p.grad is not None])
-        # After an overflow a GradScaler still gets its step: it finds the inf pass-1 gradients, skips the
-        # update and backs off its scale, as in plain training. Without a scaler the step is skipped.
+        # --- issue 15: skip a step whose gradients are not finite, in any pass ---
+        # One fused check (and one host read) of the gradients that reach the optimizer, after the method
+        # combined them and DDP averaged them (so every rank decides alike). A non-finite pass 1 is known already.
+        if finite:
+            finite = bool(all_finite(_optimizer_grads(optimizer)))
+        global_step = int(module.trainer.global_step)
+        # After a non-finite step a GradScaler still gets its step: it finds the inf, skips the update and
+        # backs off its scale, as in plain training. Without a scaler the optimizer is not stepped at all.
         if finite or scaler is not None:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_schedulers(module.trainer, "step")
-        method.after_step(first)
+        if finite:
+            method.after_step(first)
+        else:
+            method.discard_step()  # the method learns nothing from a skipped step
+        where = "pass 2 (at w + e)" if finite_pass1 and loss2 is not None else "pass 1 (at w)"
         callback.record_step(module, loss, loss2, first, active1, active2)
+        callback.record_skip(module, not finite, global_step, where, scaler is not None)
         return loss
 
     def _plain_step(self, batch: Any) -> Tensor:
         module: Any = self
         optimizer = module.optimizers()
         loss = self._forward_backward([batch])
-        optimizer.step()
+        # issue 15: a non-finite gradient skips the step here too (see training_step)
+        finite = bool(all_finite(_optimizer_grads(optimizer)))
+        scaler = _grad_scaler(module)
+        global_step = int(module.trainer.global_step)
+        if finite or scaler is not None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_schedulers(module.trainer, "step")
         module.log("train/loss", loss, prog_bar=True)
+        skipped = module.__dict__.setdefault("_skipped_steps", SkippedSteps(owner=type(module).__name__))
+        skipped.record(not finite, global_step, "pass 1 (at w)", scaler is not None)
+        module.log("train/skipped_steps", float(skipped.total))
         return loss
 
     def _forward_backward(self, group: list[Any]) -> Tensor:
@@ -255,6 +277,11 @@ def _set_requires_grad(layout: ArmLayout, active: Tensor | None) -> None:
     for arm, on in zip(layout.arms, active.tolist(), strict=True):
         for p in arm.params:
             p.requires_grad_(on)
+
+
+def _optimizer_grads(optimizer: Any) -> list[Tensor]:
+    """The gradients the optimizer is about to see (its parameters' ``grad``, where not None)."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 def _grad_scaler(module: Any) -> torch.amp.GradScaler | None:

@@ -22,12 +22,16 @@ class RunStats(pl.Callback):
 
     Args:
         metric: the logged validation metric to track, higher is better (default ``val/acc``).
-        warmup_steps: optimizer steps left out of the timing (default 2: first-call overheads).
+        warmup_steps: optimizer steps left out of the timing at the start of each fit (default 2: first-call
+            overheads, which a resumed process pays again).
 
     Step time covers ``on_train_batch_start`` to ``on_train_batch_end`` of batches that ended with an
     optimizer step (with accumulation, the buffered micro-batches' time is added to their step), with a
     CUDA synchronisation at both ends on a GPU. Peak memory is CUDA's max allocated (MiB) on a GPU, else
-    the growth of the process's peak RSS during fit (MiB).
+    the growth of the process's peak RSS during fit (MiB), measured at every validation and at the end.
+
+    Everything measured is part of the checkpoint (``state_dict``), so after a resume the numbers cover the
+    whole run: the step times of both parts, the best metric over all validations, the larger peak.
     """
 
     def __init__(self, metric: str = "val/acc", warmup_steps: int = 2) -> None:
@@ -39,6 +43,7 @@ class RunStats(pl.Callback):
         self._pending = 0.0
         self._start = 0.0
         self._rss_start = 0.0
+        self._fit_start_step = 0
         self.peak_memory_mb = 0.0
 
     def _sync(self, trainer: pl.Trainer) -> None:
@@ -50,6 +55,9 @@ class RunStats(pl.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start_step = trainer.global_step  # after a checkpoint was restored
+
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._sync(trainer)
         self._start = time.perf_counter()
@@ -59,21 +67,44 @@ class RunStats(pl.Callback):
         self._sync(trainer)
         self._pending += time.perf_counter() - self._start
         if trainer.global_step > self._step_before:  # this batch ended an optimizer step
-            if trainer.global_step > self.warmup_steps:
+            if trainer.global_step - self._fit_start_step > self.warmup_steps:
                 self.step_times.append(self._pending)
             self._pending = 0.0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+        if trainer.sanity_checking:
+            return
+        self.measure_peak_memory(trainer)
+        if self.metric not in trainer.callback_metrics:
             return
         self.last = float(trainer.callback_metrics[self.metric])
         self.best = max(self.best, self.last)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.measure_peak_memory(trainer)
+
+    def measure_peak_memory(self, trainer: pl.Trainer) -> None:
+        """Raise ``peak_memory_mb`` to the peak so far of this process (a resumed run keeps the larger)."""
         if trainer.strategy.root_device.type == "cuda":
-            self.peak_memory_mb = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20
+            peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20
         else:
-            self.peak_memory_mb = max(0.0, _peak_rss_mb() - self._rss_start)
+            peak = max(0.0, _peak_rss_mb() - self._rss_start)
+        self.peak_memory_mb = max(self.peak_memory_mb, peak)
+
+    # --- checkpoints (issue 15): a resumed run's record covers the whole run ------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step_times": list(self.step_times),
+            "best": self.best,
+            "last": self.last,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_times = [float(t) for t in state_dict.get("step_times", [])]
+        self.best = float(state_dict.get("best", float("-inf")))
+        self.last = float(state_dict.get("last", float("nan")))
+        self.peak_memory_mb = float(state_dict.get("peak_memory_mb", 0.0))
 
     @property
     def median_step_time_s(self) -> float:

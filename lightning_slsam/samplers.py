@@ -303,8 +303,8 @@ class Exp3Sampler(_BernoulliSampler):
         device: torch.device | str = "cpu",
     ) -> None:
         _check_sparsity(sparsity)
-        if not lr >= 0.0:
-            raise ValueError(f"lr: the bandit step size must be >= 0, got {lr!r}")
+        if not 0.0 <= lr < float("inf"):  # inf would freeze the bandit at once, NaN would poison it
+            raise ValueError(f"lr: the bandit step size must be a finite number >= 0, got {lr!r}")
         if not 0.0 < min_prob <= sparsity:
             raise ValueError(f"min_prob: must lie in (0, sparsity], got {min_prob!r}")
         if norm_scale not in ("raw", "running_mean"):

@@ -3,6 +3,16 @@
 from lightning_slsam.data.cifar import CIFARDataModule
 from lightning_slsam.data.digits import DigitsDataModule
 from lightning_slsam.data.glue import GLUE_TASKS, GLUEDataModule
+from lightning_slsam.data.resumable_loader import ResumableDataLoader, ResumableDataModule, ResumableSampler
 from lightning_slsam.data.text_tsv import TextTSVDataModule
 
-__all__ = ["GLUE_TASKS", "CIFARDataModule", "DigitsDataModule", "GLUEDataModule", "TextTSVDataModule"]
+__all__ = [
+    "GLUE_TASKS",
+    "CIFARDataModule",
+    "DigitsDataModule",
+    "GLUEDataModule",
+    "ResumableDataLoader",
+    "ResumableDataModule",
+    "ResumableSampler",
+    "TextTSVDataModule",
+]

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+from lightning_slsam.data.resumable_loader import ResumableDataModule
 
 CIFAR_SIZE = 32
 
@@ -86,7 +87,7 @@ class CIFARImages(Dataset):
         return self.transform(self.images[index]), self.labels[index]
 
 
-class CIFARDataModule(pl.LightningDataModule):
+class CIFARDataModule(ResumableDataModule):
     """CIFAR-10 or CIFAR-100 images as normalised float tensors ``(batch, 3, image_size, image_size)``.
 
     Args:
@@ -105,6 +106,11 @@ class CIFARDataModule(pl.LightningDataModule):
         train_limit: keep only this many training images, drawn at random with ``seed`` (None = all).
         seed: the held-out split, subset and shuffling seed (default 0).
         verify: check the files' md5 against the official release (default False; stand-in files then fail).
+
+    The training loader shuffles with a permutation of ``(seed, epoch)`` and its position is part of the
+    checkpoint (``resumable_loader.py``). Workers are started afresh each epoch (not persistent), seeded from
+    ``(seed, epoch)``, so the random augmentation of a resumed run continues exactly from an epoch boundary;
+    from the middle of an epoch only with ``num_workers=0`` (the main process's RNG state is checkpointed).
 
     Raises:
         FileNotFoundError: the files are not under ``root`` and ``download`` is False.
@@ -230,14 +236,8 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        return self.resumable_train_loader(
+            self.train_set, batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:

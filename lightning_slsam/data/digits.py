@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_slsam.data.resumable_loader import ResumableDataModule
 
-class DigitsDataModule(pl.LightningDataModule):
+
+class DigitsDataModule(ResumableDataModule):
     """Digits split into train / validation with a fixed seed.
 
     Args:
@@ -19,7 +20,10 @@ class DigitsDataModule(pl.LightningDataModule):
         channels: 1 (grey, default) or 3 (repeated, for ImageNet/CIFAR-shaped models).
         train_limit: keep only this many training images (None = all), to make the task harder.
         label_noise: fraction of training labels replaced by a random other class, in [0, 1) (default 0).
-        seed: the split / subset / noise seed (default 0).
+        seed: the split / subset / noise seed, and the shuffle's (default 0).
+
+    The training loader shuffles with a permutation of ``(seed, epoch)`` and its position is part of the
+    checkpoint, so a resumed run continues the order of an uninterrupted one (``resumable_loader.py``).
     """
 
     num_classes = 10
@@ -85,8 +89,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return self.resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_slsam.data.resumable_loader import ResumableDataModule
 from lightning_slsam.models.hf_pretrained import PretrainedSource, resolve_pretrained
 
 #: the fields padded with 0 (every other tokenizer field is padded with the tokenizer's pad token id)
@@ -109,7 +109,7 @@ def check_limit(value: int | None, argument: str) -> None:
         raise ValueError(f"{argument}: must be an int >= 1 or None, got {value!r}")
 
 
-class TokenizedTextDataModule(pl.LightningDataModule):
+class TokenizedTextDataModule(ResumableDataModule):
     """Base of the text classification data modules: subsets, tokenizes and serves the train / validation splits.
 
     Subclasses set ``num_labels`` and implement :meth:`read_split`.
@@ -122,6 +122,9 @@ class TokenizedTextDataModule(pl.LightningDataModule):
         val_limit: keep this many validation examples, drawn at random with ``seed`` (None = all).
         seed: the subset and shuffling seed (default 0).
         num_workers: DataLoader worker processes (default 0).
+
+    The training loader shuffles with a permutation of ``(seed, epoch)`` and its position is part of the
+    checkpoint, so a resumed run continues the order of an uninterrupted one (``resumable_loader.py``).
     """
 
     num_labels: int
@@ -195,12 +198,10 @@ class TokenizedTextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None and self.collate is not None, "call setup() first"
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        return self.resumable_train_loader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            seed=self.seed,
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )

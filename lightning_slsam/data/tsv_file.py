@@ -75,6 +75,19 @@ class TSVFile:
         return out, skipped
 
 
+def _not_utf8(path: Path) -> str:
+    """``<file>:<line>: ...`` for the first line that is not UTF-8 (the decoder's offset counts from its buffer)."""
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return (
+                f"{path}:{number}: not UTF-8 text (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
+                "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+            )
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
+
+
 def read_tsv(path: str | Path, header: bool, quoted: bool = False) -> TSVFile:
     """Read ``path`` as tab-separated fields (UTF-8).
 
@@ -85,6 +98,7 @@ def read_tsv(path: str | Path, header: bool, quoted: bool = False) -> TSVFile:
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
+        ValueError: the file is not UTF-8 text, naming the file, the line and the column of the first bad byte.
     """
     path = Path(path)
     if not path.is_file():
@@ -92,14 +106,17 @@ def read_tsv(path: str | Path, header: bool, quoted: bool = False) -> TSVFile:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     rows: list[list[str]] = []
     line_numbers: list[int] = []
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
-        start = 1
-        for row in reader:
-            if row and any(field.strip() for field in row):
-                rows.append(row)
-                line_numbers.append(start)
-            start = reader.line_num + 1
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
+            start = 1
+            for row in reader:
+                if row and any(field.strip() for field in row):
+                    rows.append(row)
+                    line_numbers.append(start)
+                start = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise ValueError(_not_utf8(path)) from None
     names: list[str] | None = None
     if header:
         if not rows:

@@ -108,6 +108,7 @@ class ARSAMMethod(Method):
         self._ratio_arms: Tensor = torch.ones(0, dtype=torch.bool)
         self._epoch = 0
         self._decision: bool | None = None  # this step's choice, between pass2_arms and after_step
+        self._before_step: tuple[Any, ...] | None = None
 
     def setup(self, layout: ArmLayout) -> None:
         super().setup(layout)
@@ -200,6 +201,16 @@ class ARSAMMethod(Method):
         else:
             self.reuses += 1
             self.since_refresh += 1
+
+    def begin_step(self) -> None:
+        # combine replaces the dict and the tensors, never edits them in place: references suffice
+        self._before_step = (self.psf, self.g_ref, self.psf_ratio, self.last_drift)
+
+    def discard_step(self) -> None:
+        self._decision = None  # neither a refresh nor a reuse: the counters stay
+        if self._before_step is not None:
+            self.psf, self.g_ref, self.psf_ratio, self.last_drift = self._before_step
+            self._before_step = None
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

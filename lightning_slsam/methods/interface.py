@@ -12,6 +12,10 @@ The step itself lives in :mod:`lightning_slsam.mixin`. Per step, a method decide
    outside pass 2; g(w) on a one-pass step);
 5. ``after_step(first)``: what it learns from the step (SL-SAM's bandit).
 
+A step whose gradients are not finite is skipped (``skipped_steps.py``): ``begin_step()`` runs before
+``pass1_arms`` and ``discard_step()`` replaces ``after_step``, so a method puts back whatever the skipped step
+changed in its state (random draws included) and learns nothing from it.
+
 Gradients in ``p.grad`` carry the AMP loss scale ``first.grad_scale`` (1 without a GradScaler) until the
 optimizer step unscales them; a method that stores a gradient across steps stores it divided by that
 scale and multiplies by the current scale when it reuses it.
@@ -129,7 +133,20 @@ class Method:
         """After a one-pass step: turn ``p.grad`` (g at w for ``first.params``) into the optimizer's gradient."""
 
     def after_step(self, first: PassOne) -> None:
-        """Learn from the finished step (called after the optimizer step)."""
+        """Learn from the finished step (called after the optimizer step, only when the step was taken)."""
+
+    # --- skipped steps (issue 15) ----------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Called before ``pass1_arms``: remember the state this step may change, for ``discard_step``.
+
+        Keep it cheap (references, counters, a CPU generator's state): it runs every step.
+        """
+
+    def discard_step(self) -> None:
+        """The step was skipped (non-finite gradients); called instead of ``after_step``.
+
+        Put back the state ``begin_step`` saw, so that the skipped step leaves no trace in the method.
+        """
 
     # --- reporting and checkpoints ---------------------------------------------------------------------
     def probabilities(self) -> Tensor | None:

@@ -43,6 +43,7 @@ class LayerwiseGNPMethod(Method):
         self.keeps_first_gradient = self.alpha < 1.0
         self.steps = 0
         self.chosen: Tensor | None = None
+        self._before_step: tuple[int, Tensor | None] | None = None
 
     def num_chosen(self) -> int:
         """How many arms are perturbed per step."""
@@ -63,6 +64,14 @@ class LayerwiseGNPMethod(Method):
         torch._foreach_lerp_(list(first_grads), second, self.alpha)  # (1 - alpha) g(w) + alpha g(w + e)
         for p, mixed in zip(params, first_grads, strict=True):
             p.grad = mixed
+
+    def begin_step(self) -> None:
+        self._before_step = (self.steps, self.chosen)  # pass2_arms replaces chosen, never edits it in place
+
+    def discard_step(self) -> None:
+        if self._before_step is not None:
+            self.steps, self.chosen = self._before_step
+            self._before_step = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "chosen": None if self.chosen is None else self.chosen.clone()}

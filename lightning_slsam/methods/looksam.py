@@ -38,6 +38,7 @@ class LookSAMMethod(Method):
         #: the stored orthogonal components, by parameter index in the layout
         self.g_v: dict[int, Tensor] = {}
         self._index: dict[int, int] = {}
+        self._before_step: tuple[int, dict[int, Tensor]] | None = None
 
     def setup(self, layout: Any) -> None:
         super().setup(layout)
@@ -65,6 +66,14 @@ class LookSAMMethod(Method):
                 continue
             ratio = p.grad.norm() / (g_v.norm() + _EPS)
             p.grad.add_(g_v * (self.alpha * ratio))
+
+    def begin_step(self) -> None:
+        self._before_step = (self.steps, dict(self.g_v))  # combine replaces entries, never edits them in place
+
+    def discard_step(self) -> None:
+        if self._before_step is not None:
+            self.steps, self.g_v = self._before_step
+            self._before_step = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "g_v": {i: g.clone() for i, g in self.g_v.items()}}

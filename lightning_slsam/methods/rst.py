@@ -31,6 +31,7 @@ class RSTMethod(Method):
         self.generator = torch.Generator().manual_seed(int(seed))
         self.sam_steps = 0
         self.steps = 0
+        self._before_step: tuple[Tensor, int, int] | None = None
 
     def pass2_arms(self, first: PassOne) -> Tensor | None:
         self.steps += 1
@@ -38,6 +39,15 @@ class RSTMethod(Method):
             self.sam_steps += 1
             return first.active
         return None
+
+    def begin_step(self) -> None:
+        self._before_step = (self.generator.get_state(), self.sam_steps, self.steps)
+
+    def discard_step(self) -> None:  # a skipped step does not toss the coin
+        if self._before_step is not None:
+            state, self.sam_steps, self.steps = self._before_step
+            self.generator.set_state(state)
+            self._before_step = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "sam_steps": self.sam_steps, "steps": self.steps}

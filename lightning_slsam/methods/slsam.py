@@ -50,6 +50,7 @@ class SLSAMMethod(Method):
         #: with max_update_scale: the scaled parameters, their values before this step's update, their factors
         self._before: tuple[list[nn.Parameter], list[Tensor], list[float]] | None = None
         self._arm_of: dict[int, int] = {}
+        self._before_step: dict[str, Any] | None = None
 
     def setup(self, layout) -> None:
         super().setup(layout)
@@ -97,6 +98,19 @@ class SLSAMMethod(Method):
             event.record()
             norms = host
         self._pending = (first.active, norms, event)
+
+    def begin_step(self) -> None:
+        # the previous step's update first, then a copy of the sampler (probabilities, generator: N floats and
+        # a CPU generator state), so that a skipped step neither teaches the bandit nor moves its generator
+        self._flush()
+        self._before_step = self.sampler.state_dict()
+
+    def discard_step(self) -> None:
+        self._pending = None
+        self._before = None  # the optimizer did not step (or its scaler skipped): nothing to scale
+        if self._before_step is not None:
+            self.sampler.load_state_dict(self._before_step)
+            self._before_step = None
 
     def _flush(self) -> None:
         if self._pending is None:

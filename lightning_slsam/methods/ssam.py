@@ -283,6 +283,7 @@ class SSAMDMethod(_MaskedSAM):
         self.total_epochs: int | None = None
         self.epoch = 0
         self._pending = False
+        self._before_step: tuple[Any, ...] | None = None
 
     def setup(self, layout: ArmLayout) -> None:
         super().setup(layout)
@@ -298,6 +299,19 @@ class SSAMDMethod(_MaskedSAM):
         self.total_epochs = _total_epochs(trainer)
         already = bool(self.refresh_epochs) and self.refresh_epochs[-1] == self.epoch
         self._pending = self.epoch > 0 and self.epoch % self.update_every_epochs == 0 and not already
+
+    def begin_step(self) -> None:
+        # only a step that may drop and grow changes the mask (_set_mask replaces it, never edits it in place)
+        self._before_step = (
+            (self._flat, self.masks, list(self.refresh_epochs), self.generator.get_state()) if self._pending else None
+        )
+
+    def discard_step(self) -> None:
+        if self._before_step is not None:
+            self._flat, self.masks, self.refresh_epochs, generator = self._before_step
+            self.generator.set_state(generator)
+            self._pending = True  # drop and grow at the next step instead
+            self._before_step = None
 
     def current_drop_rate(self) -> float:
         """``d_t`` of the current epoch."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_slsam.checkpoint_files import read_torch_file
 
 STAGE_CHANNELS: tuple[int, int, int] = (16, 32, 64)
 RESNET20_CLASSES = 10
@@ -106,12 +107,10 @@ def load_resnet_cifar_state_dict(weights: str | Path) -> dict[str, Tensor]:
     """The state dict in a ResNet-CIFAR checkpoint file, with any ``module.`` (DataParallel) prefix removed.
 
     Accepts a bare state dict or a dict holding one under ``state_dict`` (akamaster's ``.th`` files).
-    Raises FileNotFoundError naming ``weights`` when the file is missing.
+    Raises FileNotFoundError naming ``weights`` when the file is missing, and a ValueError naming it and the
+    file when the file is empty, truncated or not a PyTorch file.
     """
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights: no checkpoint file at {str(weights)!r}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_torch_file(weights, "weights", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
