@@ -20,7 +20,6 @@ from lightning_slsam.cli import ConfigError, instantiate_group, train
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-WEIGHTS = ROOT.parent / "shared" / "data" / "weights" / "resnet20_cifar10.th"
 
 
 def options(group: str) -> list[str]:
@@ -77,8 +76,6 @@ def test_every_group_option_composes(group: str, option: str, tmp_path: Path) ->
 
 
 def test_default_experiment_runs_end_to_end(tmp_path: Path) -> None:
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no pretrained weights at {WEIGHTS}")
     cfg = compose_config([*SHRINK, "data.train_limit=128"], str(tmp_path))
     assert cfg.model.arch == "resnet20_cifar" and cfg.data._target_.endswith("DigitsDataModule")
     best = train(cfg)
@@ -139,8 +136,6 @@ def test_missing_data_path_names_the_key(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.slow
 def test_multirun_then_report(tmp_path: Path) -> None:
     """``slsam-train -m method=base,slsam`` (shrunk) and ``slsam-report`` on the sweep directory."""
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no pretrained weights at {WEIGHTS}")
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "method=base,slsam", *SHRINK]
     command += ["data.train_limit=128", f"hydra.sweep.dir={sweep}"]
@@ -165,8 +160,6 @@ def test_multirun_then_report(tmp_path: Path) -> None:
 def test_optuna_sweeper(tmp_path: Path) -> None:
     """``hydra/sweeper=optuna`` runs trials and returns the best metric to the sweeper."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no pretrained weights at {WEIGHTS}")
     sweep = tmp_path / "optuna"
     command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2"]
     command += ["hydra.sweeper.direction=maximize", "+hydra.sweeper.params.rho='interval(0.01,0.1)'", *SHRINK]
