@@ -241,7 +241,8 @@ def test_pyproject_core_has_none_of_the_extras() -> None:
 
 
 def test_import_optional_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ModuleNotFoundError
+    for module in ("sklearn", "sklearn.datasets"):  # import -> ModuleNotFoundError, even if imported before
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=r"^DigitsDataModule needs scikit-learn, which is not installed: "):
         import_optional("sklearn.datasets", "DigitsDataModule")
     assert install_hint("sklearn.datasets") == "pip install 'lightning-slsam[app]'"
