@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from lightning_slsam.callback import SharpnessAware
 from lightning_slsam.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
 from lightning_slsam.config_schema import register_schemas
+from lightning_slsam.optional_dependencies import DISTRIBUTION, install_hint
 from lightning_slsam.rng_state import RNGState
 from lightning_slsam.run_stats import RunStats
 
@@ -56,6 +60,10 @@ def instantiate_group(group: str, node: Any, **kwargs: Any) -> Any:
     except InstantiationException as error:
         cause = error.__cause__ or error
         message = str(cause)
+        if isinstance(cause, ImportError) and "lightning-slsam[" not in message:  # e.g. Lightning's TensorBoard one
+            modules = [cause.name or "", *re.findall(r"`(\w+)`", message)]  # Lightning quotes the package names
+            hint = next((h for h in map(install_hint, modules) if h is not None), None)
+            message = message if hint is None else f"{message.splitlines()[0]} ({hint})"
         if re.match(r"^\w+: ", message):  # our constructors name the argument first
             raise ConfigError(f"{group}.{message}") from cause
         raise ConfigError(f"{group}: {message}") from cause
@@ -247,10 +255,39 @@ def _write_record(
         )
 
 
+def error_line(error: BaseException) -> str | None:
+    """The one line ``slsam-train`` prints for an error of the user's making, or None for any other error.
+
+    ``ConfigError: <key>: <what is wrong>`` for a :class:`ConfigError` or a missing mandatory value (``???`` in a
+    config, such as ``data.path`` of ``experiment=sst2_minilm``); ``ImportError: ...`` for a missing extra (the
+    message names the ``pip install`` to run).
+    """
+    if isinstance(error, ConfigError):
+        return "ConfigError: " + " ".join(line.strip() for line in str(error).splitlines())
+    if isinstance(error, MissingMandatoryValue):
+        key = error.full_key or "?"
+        return f"ConfigError: {key}: no value given; set one on the command line ({key}=...)"
+    if isinstance(error, ImportError) and f"{DISTRIBUTION}[" in str(error):
+        return "ImportError: " + " ".join(line.strip() for line in str(error).splitlines())
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Console script ``slsam-train``."""
-    return train(cfg)
+    """Console script ``slsam-train``.
+
+    An error of the user's making (see :func:`error_line`) prints one line on stderr, without a traceback, and exits
+    with status 2; ``HYDRA_FULL_ERROR=1`` raises it with the full traceback instead. Other errors keep Hydra's
+    report (exit status 1).
+    """
+    try:
+        return train(cfg)
+    except (ConfigError, MissingMandatoryValue, ImportError) as error:
+        line = error_line(error)
+        if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(line, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

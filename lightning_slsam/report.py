@@ -26,6 +26,7 @@ __all__ = [
     "load_records",
     "main",
     "markdown_table",
+    "method_styles",
     "plot_accuracy_vs_time",
     "plot_probability_heatmap",
     "summarize",
@@ -39,8 +40,17 @@ ACCURACY_PLOT_NAME = "accuracy_vs_time.png"
 
 #: Fixed display order of the methods; ``slsam*`` labels come next, then ``slsam_uniform*``, then any others.
 METHOD_ORDER: tuple[str, ...] = ("base", "sam", "asam", "ssam_f", "ssam_d", "lagnp", "arsam", "looksam", "rst")
-#: Heatmaps label their y axis with arm names up to this many arms (else arm indices).
-MAX_NAMED_ARMS = 40
+#: Heatmaps name every arm on their y axis up to this many arms, every k-th arm beyond (the figure grows with them).
+MAX_LABELLED_ARMS = 160
+#: Height of one named heatmap row, in inches (at 6-8 pt tick labels, rows never overlap).
+ARM_ROW_INCHES = 0.15
+#: Markers of the methods in the accuracy plot: filled shapes, pairwise distinct.
+METHOD_MARKERS: tuple[str, ...] = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "p", "h", "d", "8", "H")
+#: Colours of the methods: matplotlib's tab10, then ten darker ones of tab20b/tab20c, pairwise distinct.
+METHOD_COLOURS: tuple[str, ...] = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#000000", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1",
+)  # fmt: skip
 NA = "n/a"
 
 
@@ -290,65 +300,73 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    # the message of lightning_slsam.optional_dependencies.import_optional; this module imports only the standard
+    # library at the top, so that ``python lightning_slsam/report.py`` runs without the package's imports
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            "slsam-report's plots need matplotlib, which is not installed: pip install 'lightning-slsam[report]'",
+            name="matplotlib",
+        ) from error
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def plot_accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """A PNG with one subplot per experiment: one labelled point per method at (step time / base, metric mean),
-    with the metric's std as error bar. An experiment without a base run is plotted against the absolute median
-    step time (ms) instead. Returns ``path``."""
-    path = Path(path)
+def method_styles(labels: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``{label: (marker, colour)}`` in the order given (duplicates ignored): the ``i``-th label gets
+    ``METHOD_MARKERS[i % 15]`` and ``METHOD_COLOURS[i % 20]``, so up to 15 methods differ in both marker and colour,
+    and up to 60 in their (marker, colour) pair."""
+    unique = list(dict.fromkeys(labels))
+    return {
+        label: (METHOD_MARKERS[i % len(METHOD_MARKERS)], METHOD_COLOURS[i % len(METHOD_COLOURS)])
+        for i, label in enumerate(unique)
+    }
+
+
+def _accuracy_figure(rows: Sequence[dict[str, Any]]) -> Any:
+    """The figure of :func:`plot_accuracy_vs_time` (a matplotlib ``Figure``)."""
     experiments: dict[str | None, list[dict[str, Any]]] = {}
     for row in rows:
         if row["metric_mean"] is not None:
             experiments.setdefault(row["experiment"], []).append(row)
+    styles = method_styles(row["method_label"] for group in experiments.values() for row in group)
     count = max(len(experiments), 1)
     columns = min(count, 2)
     lines = math.ceil(count / columns)
-    figure = _new_figure(6.4 * columns, 4.8 * lines)
+    longest = max((len(label) for label in styles), default=0)
+    figure = _new_figure(5.6 * columns + 1.0 + 0.075 * longest, 4.6 * lines)
     axes = figure.subplots(lines, columns, squeeze=False).ravel()
     if not experiments:
         axes[0].text(0.5, 0.5, "no metric values", ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
+    handles: dict[str, Any] = {}
     for ax, (experiment, group) in zip(axes, experiments.items(), strict=False):
         relative = all(row["step_time_ratio"] is not None for row in group)
-        xs = []
         for row in group:
             if relative:
-                xs.append(row["step_time_ratio"])
+                x = row["step_time_ratio"]
             else:
                 step = row["median_step_time_s"]
-                xs.append(math.nan if step is None else 1e3 * step)
-        markers = "osD^vPX*<>"
-        for i, (x, row) in enumerate(zip(xs, group, strict=True)):
-            color = f"C{i % 10}"
-            ax.errorbar(
+                x = math.nan if step is None else 1e3 * step
+            marker, colour = styles[row["method_label"]]
+            container = ax.errorbar(
                 x,
                 row["metric_mean"],
                 yerr=row["metric_std"],
-                fmt=markers[i % len(markers)],
-                color=color,
-                ecolor=color,
+                fmt=marker,
+                color=colour,
+                ecolor=colour,
                 elinewidth=1.2,
                 capsize=4,
-                markersize=7,
+                markersize=8,
+                markeredgecolor="black",
+                markeredgewidth=0.5,
                 label=row["method_label"],
             )
-            ax.annotate(
-                row["method_label"],
-                (x, row["metric_mean"]),
-                xytext=(7, 6),
-                textcoords="offset points",
-                fontsize=8,
-                color=color,
-                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.6},
-                zorder=1.5,  # under the markers: a label never hides a point
-            )
+            handles.setdefault(row["method_label"], container)
         if relative:
             ax.axvline(1.0, color="0.75", linewidth=0.8, linestyle="--", zorder=0)
             ax.set_xlabel("median step time / base")
@@ -358,24 +376,33 @@ def plot_accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path) -> P
         ax.set_ylabel(f"best {metric} (mean ± std)")
         ax.set_title("(no experiment)" if experiment is None else str(experiment))
         ax.grid(True, alpha=0.3)
-        ax.margins(x=0.15, y=0.12)
-        ax.legend(fontsize=7, loc="best", framealpha=0.7)
+        ax.margins(x=0.12, y=0.1)
     for ax in axes[len(experiments) or 1 :]:
         ax.set_axis_off()
+    if handles:  # one legend for all subplots (a method has one style everywhere), beside them: it covers no point
+        figure.legend(
+            list(handles.values()), list(handles), loc="outside right upper", fontsize=8, title="method", frameon=False
+        )
+    return figure
+
+
+def plot_accuracy_vs_time(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """A PNG with one subplot per experiment: one point per method at (step time / base, metric mean), with the
+    metric's std as error bar. An experiment without a base run is plotted against the absolute median step time (ms)
+    instead. Each method has its own marker and colour (:func:`method_styles`, the same in every subplot), named in
+    one legend to the right of the subplots, so no label covers a point or another label. Returns ``path``."""
+    path = Path(path)
+    figure = _accuracy_figure(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
 
 
-def plot_probability_heatmap(run_dir: str | Path, path: str | Path, title: str | None = None) -> bool:
-    """Heatmap of the per-arm sampling probabilities in ``run_dir/probabilities.pt`` (arms on y, training steps =
-    record index * ``every`` on x, with a colorbar), saved as PNG at ``path``.
-
-    Returns False (writing nothing) when the run has no ``probabilities.pt`` or an empty history, True otherwise.
-    """
+def _probability_figure(run_dir: str | Path, title: str | None = None) -> Any:
+    """The figure of :func:`plot_probability_heatmap`, or None when the run has no (or an empty) history."""
     source = Path(run_dir) / PROBABILITIES_NAME
     if not source.is_file():
-        return False
+        return None
     import torch
 
     data = torch.load(source, map_location="cpu", weights_only=True)
@@ -383,18 +410,19 @@ def plot_probability_heatmap(run_dir: str | Path, path: str | Path, title: str |
     if history.ndim == 1:
         history = history.unsqueeze(1)
     if history.ndim != 2 or history.numel() == 0:
-        return False
+        return None
     records, arms = history.shape
     every = int(data.get("every") or 1)
     names = [str(name) for name in data.get("arm_names") or []]
     if title is None:
         title = _run_title(Path(run_dir))
 
-    named = len(names) == arms and arms <= MAX_NAMED_ARMS
+    named = len(names) == arms
+    # one tick per arm up to MAX_LABELLED_ARMS, every k-th arm beyond, so that the names never overlap
+    stride = max(1, math.ceil(arms / MAX_LABELLED_ARMS)) if named else 1
     longest = max((len(name) for name in names), default=4) if named else 4
-    width = min(4.0 + 0.065 * longest + 0.02 * records, 16.0)
-    width = max(width, 7.0)
-    height = min(max(2.5, 0.6 + 0.22 * arms), 14.0) if named else 4.8
+    width = max(min(4.0 + 0.06 * longest + 0.02 * records, 18.0), 7.0)
+    height = min(max(2.5, 0.8 + ARM_ROW_INCHES * math.ceil(arms / stride)), 40.0) if named else 4.8
     finite = history[torch.isfinite(history)]
     figure = _new_figure(width, height)
     ax = figure.subplots()
@@ -409,13 +437,28 @@ def plot_probability_heatmap(run_dir: str | Path, path: str | Path, title: str |
         vmax=max(float(finite.max()), 1e-12) if finite.numel() else 1.0,
     )
     if named:
-        ax.set_yticks(range(arms), names, fontsize=7 if arms > 12 else 8)
-        ax.set_ylabel("arm")
+        ticks = list(range(0, arms, stride))
+        ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=8 if arms <= 12 else 7 if arms <= 40 else 6)
+        ax.set_ylabel("arm" if stride == 1 else f"arm (every {stride}th named)")
     else:
-        ax.set_ylabel("arm index")
+        ax.set_ylabel("arm index (the record holds no arm names)")
     ax.set_xlabel("training step")
     ax.set_title(title, fontsize=10)
     figure.colorbar(image, ax=ax, label="sampling probability", fraction=0.05, pad=0.02)
+    return figure
+
+
+def plot_probability_heatmap(run_dir: str | Path, path: str | Path, title: str | None = None) -> bool:
+    """Heatmap of the per-arm sampling probabilities in ``run_dir/probabilities.pt`` (arms on y, labelled with their
+    names from the file's ``arm_names``; training steps = record index * ``every`` on x; with a colorbar), saved as
+    PNG at ``path``. Every arm is named up to :data:`MAX_LABELLED_ARMS` arms (the figure grows with the arm count),
+    every k-th beyond; a file without names falls back to arm indices.
+
+    Returns False (writing nothing) when the run has no ``probabilities.pt`` or an empty history, True otherwise.
+    """
+    figure = _probability_figure(run_dir, title)
+    if figure is None:
+        return False
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -561,7 +604,8 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
 def main(argv: Sequence[str] | None = None) -> int:
     """``slsam-report SWEEP_DIR [--out DIR]``: write the report, print the table and the report path.
 
-    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record.
+    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, or when
+    matplotlib is not installed (``pip install 'lightning-slsam[report]'``).
     """
     parser = argparse.ArgumentParser(
         prog="slsam-report",
@@ -572,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report, table = _write_report(args.sweep_dir, args.out)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ImportError) as error:
         print(f"slsam-report: error: {error}", file=sys.stderr)
         return 2
     print(table, end="")

@@ -4,6 +4,7 @@ before a model is built with the key named, and a multirun feeds slsam-report.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
 from lightning_slsam import SharpnessAware
-from lightning_slsam.cli import ConfigError, instantiate_group, train
+from lightning_slsam.cli import ConfigError, error_line, instantiate_group, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
-WEIGHTS = ROOT.parent / "shared" / "data" / "weights" / "resnet20_cifar10.th"
 
 
 def options(group: str) -> list[str]:
@@ -77,8 +77,6 @@ def test_every_group_option_composes(group: str, option: str, tmp_path: Path) ->
 
 
 def test_default_experiment_runs_end_to_end(tmp_path: Path) -> None:
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no pretrained weights at {WEIGHTS}")
     cfg = compose_config([*SHRINK, "data.train_limit=128"], str(tmp_path))
     assert cfg.model.arch == "resnet20_cifar" and cfg.data._target_.endswith("DigitsDataModule")
     best = train(cfg)
@@ -137,10 +135,60 @@ def test_missing_data_path_names_the_key(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+def test_slsam_train_prints_one_line_for_a_config_error(tmp_path: Path) -> None:
+    """``slsam-train`` with a bad value (the issue's missing weights file): exactly one line on stderr naming the key,
+    no traceback, exit status 2."""
+    line = "ConfigError: model.weights: no checkpoint file at 'no_such_file.th'"
+    command = [sys.executable, "-m", "lightning_slsam.cli", "model.weights=no_such_file.th", *SHRINK]
+    command.append(f"hydra.run.dir={tmp_path}")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env, check=False)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr.splitlines() == [line]
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_slsam_train_raises_the_config_error_with_hydra_full_error(tmp_path: Path, monkeypatch) -> None:
+    """With ``HYDRA_FULL_ERROR=1`` the ConfigError leaves ``main`` (Hydra prints its full traceback). In-process: the
+    same entry point as the console script, without another interpreter start."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    overrides = ["model.weights=no_such_file.th", *SHRINK, "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    monkeypatch.setattr(sys, "argv", ["slsam-train", *overrides, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^model\.weights: no checkpoint file at 'no_such_file.th'$"):
+        main()
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("method.rho=-1", "ConfigError: method.rho: the perturbation radius must be a finite number >= 0, got -1.0"),
+        (
+            "experiment=sst2_minilm",
+            "ConfigError: data.path: no value given; set one on the command line (data.path=...)",
+        ),
+    ],
+)
+def test_the_line_slsam_train_prints_names_the_key(override: str, line: str, tmp_path: Path, monkeypatch) -> None:
+    """What :func:`error_line` makes of the errors ``train`` raises (``main`` prints it, as tested above)."""
+    monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
+    cfg = compose_config([override, *SHRINK], str(tmp_path))
+    with pytest.raises((ConfigError, MissingMandatoryValue)) as error:
+        train(cfg)
+    assert error_line(error.value) == line
+
+
+def test_error_line_leaves_other_errors_to_hydra() -> None:
+    assert error_line(ConfigError("method.rho: bad")) == "ConfigError: method.rho: bad"
+    assert error_line(ImportError("DigitsDataModule needs scikit-learn: pip install 'lightning-slsam[app]'")) == (
+        "ImportError: DigitsDataModule needs scikit-learn: pip install 'lightning-slsam[app]'"
+    )
+    assert error_line(ImportError("cannot import name 'x' from 'torch'")) is None
+    assert error_line(RuntimeError("CUDA out of memory")) is None
+
+
+@pytest.mark.slow
 def test_multirun_then_report(tmp_path: Path) -> None:
     """``slsam-train -m method=base,slsam`` (shrunk) and ``slsam-report`` on the sweep directory."""
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no pretrained weights at {WEIGHTS}")
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "method=base,slsam", *SHRINK]
     command += ["data.train_limit=128", f"hydra.sweep.dir={sweep}"]
@@ -165,8 +213,6 @@ def test_multirun_then_report(tmp_path: Path) -> None:
 def test_optuna_sweeper(tmp_path: Path) -> None:
     """``hydra/sweeper=optuna`` runs trials and returns the best metric to the sweeper."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    if not WEIGHTS.is_file():
-        pytest.skip(f"no pretrained weights at {WEIGHTS}")
     sweep = tmp_path / "optuna"
     command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2"]
     command += ["hydra.sweeper.direction=maximize", "+hydra.sweeper.params.rho='interval(0.01,0.1)'", *SHRINK]

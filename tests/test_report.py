@@ -17,11 +17,19 @@ from typing import Any
 
 import pytest
 import torch
+from matplotlib.colors import to_hex
 
+from lightning_slsam import build_arms
+from lightning_slsam.models import resnet20_cifar
 from lightning_slsam.report import (
+    MAX_LABELLED_ARMS,
+    METHOD_ORDER,
+    _accuracy_figure,
+    _probability_figure,
     load_records,
     main,
     markdown_table,
+    method_styles,
     plot_accuracy_vs_time,
     plot_probability_heatmap,
     summarize,
@@ -350,7 +358,7 @@ def test_probability_heatmap(sweep: tuple[Path, list[dict]], tmp_path: Path) -> 
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
     assert plot_probability_heatmap(plain["run_dir"], tmp_path / "none.png") is False
     assert not (tmp_path / "none.png").exists()
-    # many arms: indices instead of names, still a figure
+    # many arms: still a figure, every arm named
     many = tmp_path / "many"
     many.mkdir()
     history = torch.softmax(torch.randn(30, 150), dim=1)
@@ -359,6 +367,100 @@ def test_probability_heatmap(sweep: tuple[Path, list[dict]], tmp_path: Path) -> 
     )
     assert plot_probability_heatmap(many, tmp_path / "many.png") is True
     assert (tmp_path / "many.png").stat().st_size > 1000
+
+
+def _save_history(run_dir: Path, names: list[str] | None, records: int = 10) -> None:
+    run_dir.mkdir(parents=True)
+    arms = len(names) if names is not None else 7
+    history = torch.softmax(torch.randn(records, arms, generator=torch.Generator().manual_seed(arms)), dim=1)
+    data: dict[str, Any] = {"history": history, "every": 2}
+    if names is not None:
+        data["arm_names"] = names
+    torch.save(data, run_dir / "probabilities.pt")
+
+
+def _tick_labels(figure: Any) -> list[str]:
+    figure.canvas.draw()
+    (ax, _colorbar) = figure.axes
+    return [label.get_text() for label in ax.get_yticklabels()]
+
+
+def test_heatmap_names_the_arms_of_a_resnet20_run(tmp_path: Path) -> None:
+    """ResNet-20 has 59 tensor arms (more than the old limit of 40 named ones): each row is labelled with its name,
+    as the run record stores them (``arm_names`` of probabilities.pt, written by slsam-train from the layout)."""
+    names = ["net." + name for name in build_arms(resnet20_cifar(), "tensor").names]
+    assert len(names) == 59
+    _save_history(tmp_path / "run", names)
+    figure = _probability_figure(tmp_path / "run")
+    assert _tick_labels(figure) == names
+    (ax, _colorbar) = figure.axes
+    assert list(ax.get_yticks()) == list(range(59))
+    assert ax.get_ylabel() == "arm"
+
+
+def test_heatmap_names_every_kth_arm_beyond_the_limit_and_indices_without_names(tmp_path: Path) -> None:
+    names = [f"blocks.{i}.weight" for i in range(MAX_LABELLED_ARMS * 2 + 5)]
+    _save_history(tmp_path / "many", names, records=3)
+    assert _tick_labels(_probability_figure(tmp_path / "many")) == names[::3]
+    _save_history(tmp_path / "unnamed", None)  # an old record without arm_names
+    figure = _probability_figure(tmp_path / "unnamed")
+    assert figure.axes[0].get_ylabel().startswith("arm index")
+
+
+def _plotted_styles(figure: Any) -> list[tuple[str, str, str, str]]:
+    """(subplot title, method label, marker, colour as hex) of every errorbar point in ``figure``."""
+    styles = []
+    for ax in figure.axes:
+        for container in ax.containers:
+            line = container.lines[0]
+            styles.append((ax.get_title(), container.get_label(), line.get_marker(), to_hex(line.get_color())))
+    return styles
+
+
+def test_accuracy_plot_gives_each_method_its_own_marker_and_colour(sweep: tuple[Path, list[dict]]) -> None:
+    _, records = sweep
+    rows = summarize(records)
+    figure = _accuracy_figure(rows)
+    plotted = _plotted_styles(figure)
+    assert len(plotted) == len(rows)  # one point per (experiment, method)
+    style_of: dict[str, tuple[str, str]] = {}
+    for _, label, marker, colour in plotted:
+        assert style_of.setdefault(label, (marker, colour)) == (marker, colour), label  # same in every subplot
+    markers = [marker for marker, _ in style_of.values()]
+    colours = [colour for _, colour in style_of.values()]
+    assert len(style_of) == 9
+    assert len(set(markers)) == len(markers) and len(set(colours)) == len(colours)
+
+
+def test_accuracy_plot_labels_sit_in_one_legend_beside_the_plots(sweep: tuple[Path, list[dict]]) -> None:
+    """No annotation next to the points (labels of close points overlapped): a single figure legend, outside every
+    subplot, naming each method once."""
+    _, records = sweep
+    rows = summarize(records)
+    figure = _accuracy_figure(rows)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert all(not ax.texts for ax in figure.axes)
+    assert all(ax.get_legend() is None for ax in figure.axes)
+    (legend,) = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == list(dict.fromkeys(row["method_label"] for row in rows))
+    box = legend.get_window_extent(renderer)
+    for ax in figure.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+    boxes = [text.get_window_extent(renderer) for text in legend.get_texts()]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_method_styles_differ_for_every_method_of_a_full_sweep() -> None:
+    labels = [*METHOD_ORDER, "slsam", "slsam_s0.5", "slsam_block_top0.5_s0.5", "slsam_uniform", "custom"]
+    assert len(labels) == 14
+    styles = method_styles(labels)
+    assert list(styles) == labels
+    assert len({marker for marker, _ in styles.values()}) == len(labels)
+    assert len({to_hex(colour) for _, colour in styles.values()}) == len(labels)
+    many = method_styles(f"m{i}" for i in range(60))
+    assert len(set(many.values())) == 60  # beyond 15 markers and 20 colours the pairs still differ
 
 
 def test_no_records_is_an_error_naming_the_directory(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ CIFAR_LAYOUTS: dict[str, CIFARLayout] = {
 
 #: input normalisations (mean, std per RGB channel)
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    # what akamaster's pretrained ResNet-20 (../shared/data/weights/resnet20_cifar10.th) and torchvision expect
+    # what akamaster's pretrained ResNet-20 (resnet20_cifar(weights="packaged")) and torchvision expect
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # CIFAR-10's training-set statistics
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_slsam.data.resumable_loader import ResumableDataModule
+from lightning_slsam.optional_dependencies import import_optional
 
 
 class DigitsDataModule(ResumableDataModule):
@@ -64,9 +65,7 @@ class DigitsDataModule(ResumableDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = import_optional("sklearn.datasets", "DigitsDataModule (scikit-learn's digits)").load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
         images = (images - 0.5) / 0.5
         if self.image_size != 8:

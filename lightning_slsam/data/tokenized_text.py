@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_slsam.data.resumable_loader import ResumableDataModule
 from lightning_slsam.models.hf_pretrained import PretrainedSource, resolve_pretrained
+from lightning_slsam.optional_dependencies import import_optional
 
 #: the fields padded with 0 (every other tokenizer field is padded with the tokenizer's pad token id)
 ZERO_PADDED_FIELDS: tuple[str, ...] = ("attention_mask", "token_type_ids", "special_tokens_mask")
@@ -165,9 +166,8 @@ class TokenizedTextDataModule(ResumableDataModule):
 
     def load_tokenizer(self) -> Any:
         """``AutoTokenizer.from_pretrained`` of the ``tokenizer`` argument (offline for a local folder)."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(
+        transformers = import_optional("transformers", f"{type(self).__name__} (its tokenizer)")
+        return transformers.AutoTokenizer.from_pretrained(
             self.tokenizer_source.name_or_path, **self.tokenizer_source.from_pretrained_kwargs()
         )
 

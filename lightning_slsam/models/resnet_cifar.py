@@ -1,8 +1,10 @@
 """ResNet for 32x32 images, the CIFAR variant of He et al. 2016 (ResNet-20/32/44/56/110), and pretrained ResNet-20.
 
-The layout and parameter names follow akamaster/pytorch_resnet_cifar10, so its released checkpoints (for
-example ``../shared/data/weights/resnet20_cifar10.th``, 91.7% CIFAR-10 test accuracy) load by name. Those
-weights were trained on inputs normalised with the ImageNet mean/std (``CIFARDataModule(normalize="imagenet")``).
+The layout and parameter names follow akamaster/pytorch_resnet_cifar10, so its released checkpoints load by name.
+Its CIFAR-10 ResNet-20 (91.7% CIFAR-10 test accuracy, 1.1 MB, BSD-2-Clause) ships inside this package:
+``resnet20_cifar(weights="packaged")`` loads it (the file: :data:`PACKAGED_RESNET20_WEIGHTS`; its licence and
+source: ``weights/LICENSE-resnet20_cifar10.txt`` next to it). Those weights were trained on inputs normalised with
+the ImageNet mean/std (``CIFARDataModule(normalize="imagenet")``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from lightning_slsam.checkpoint_files import read_torch_file
 
 STAGE_CHANNELS: tuple[int, int, int] = (16, 32, 64)
 RESNET20_CLASSES = 10
+#: ``weights=PACKAGED`` selects the CIFAR-10 ResNet-20 checkpoint shipped in the package.
+PACKAGED = "packaged"
+#: That checkpoint: akamaster/pytorch_resnet_cifar10 ``pretrained_models/resnet20-12fca82f.th``, unchanged
+#: (SHA-256 starting ``12fca82f``; BSD-2-Clause, notice in ``LICENSE-resnet20_cifar10.txt`` beside it).
+PACKAGED_RESNET20_WEIGHTS: Path = Path(__file__).resolve().parent / "weights" / "resnet20_cifar10.th"
 
 
 class ZeroPadShortcut(nn.Module):
@@ -125,8 +132,9 @@ def resnet20_cifar(num_classes: int = 10, weights: str | None = None, in_channel
     Args:
         num_classes: outputs (default 10). With ``weights`` and ``num_classes != 10``, every weight but the
             head is loaded and ``linear`` is freshly initialised (Kaiming normal) for the new class count.
-        weights: path of a checkpoint with ResNet-20 weights (e.g. ``../shared/data/weights/resnet20_cifar10.th``;
-            a ``module.`` prefix is stripped), or None (default) for random weights. Names must match exactly.
+        weights: ``"packaged"`` for the CIFAR-10 checkpoint shipped in the package
+            (:data:`PACKAGED_RESNET20_WEIGHTS`), the path of another checkpoint with ResNet-20 weights (a ``module.``
+            prefix is stripped; names must match exactly), or None (default) for random weights.
         in_channels: input channels (default 3; the pretrained weights need 3).
 
     Raises:
@@ -136,7 +144,7 @@ def resnet20_cifar(num_classes: int = 10, weights: str | None = None, in_channel
     model = ResNetCIFAR(num_classes=num_classes, blocks_per_stage=3, in_channels=in_channels)
     if weights is None:
         return model
-    state = load_resnet_cifar_state_dict(weights)
+    state = load_resnet_cifar_state_dict(PACKAGED_RESNET20_WEIGHTS if weights == PACKAGED else weights)
     if num_classes != RESNET20_CLASSES:
         state = {key: value for key, value in state.items() if not key.startswith("linear.")}
     expected = model.state_dict()

@@ -19,6 +19,7 @@ from lightning_slsam.models.optimizer_config import (
     check_factories,
     configure_optimizer_and_scheduler,
 )
+from lightning_slsam.optional_dependencies import import_optional
 
 #: validation metrics by name (GLUE's: accuracy, Matthews correlation for CoLA, F1 of class 1 for MRPC/QQP)
 TEXT_METRICS: tuple[str, ...] = ("acc", "mcc", "f1")
@@ -78,9 +79,8 @@ class TextClassifier(SharpnessAwareMixin, pl.LightningModule):
         check_factories(optimizer, scheduler, scheduler_interval)
         self.val_metric = build_metric(metric, num_labels)
         source = resolve_pretrained(model_name_or_path, "model_name_or_path")
-        from transformers import AutoModelForSequenceClassification
-
-        self.model = AutoModelForSequenceClassification.from_pretrained(
+        transformers = import_optional("transformers", "TextClassifier")
+        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
             source.name_or_path,
             num_labels=num_labels,
             problem_type="single_label_classification",
