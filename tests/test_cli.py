@@ -138,7 +138,7 @@ def test_missing_data_path_names_the_key(tmp_path: Path, monkeypatch) -> None:
 def test_slsam_train_prints_one_line_for_a_config_error(tmp_path: Path) -> None:
     """``slsam-train`` with a bad value (the issue's missing weights file): exactly one line on stderr naming the key,
     no traceback, exit status 2."""
-    line = "ConfigError: model.weights: no checkpoint file at 'no_such_file.th'"
+    line = "ConfigError: model.weights: no file at 'no_such_file.th'"
     command = [sys.executable, "-m", "lightning_slsam.cli", "model.weights=no_such_file.th", *SHRINK]
     command.append(f"hydra.run.dir={tmp_path}")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
@@ -154,7 +154,7 @@ def test_slsam_train_raises_the_config_error_with_hydra_full_error(tmp_path: Pat
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     overrides = ["model.weights=no_such_file.th", *SHRINK, "hydra/job_logging=none", "hydra/hydra_logging=none"]
     monkeypatch.setattr(sys, "argv", ["slsam-train", *overrides, f"hydra.run.dir={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"^model\.weights: no checkpoint file at 'no_such_file.th'$"):
+    with pytest.raises(ConfigError, match=r"^model\.weights: no file at 'no_such_file.th'$"):
         main()
 
 
