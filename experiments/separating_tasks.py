@@ -51,7 +51,7 @@ TASKS: dict[str, list[str]] = {
         "experiment=sst2_minilm",
         "data.path=../shared/data/sst2",
         "data.train_limit=1000",
-        "+data.label_noise=0.3",
+        "data.label_noise=0.3",
         "trainer.max_epochs=6",
         "data.max_length=48",
     ],

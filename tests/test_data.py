@@ -370,3 +370,39 @@ def test_padding_collate() -> None:
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+
+
+# --- label noise ---------------------------------------------------------------------------------------------------
+def reference_label_noise(labels: list[int], fraction: float, num_classes: int, seed: int) -> list[int]:
+    """Each label, where a uniform draw is below ``fraction``, shifted by a draw in 1..C-1 (mod C): a python loop."""
+    rng = np.random.default_rng(seed)
+    flips = rng.random(len(labels))
+    shifts = rng.integers(1, num_classes, len(labels))
+    return [(y + int(s)) % num_classes if f < fraction else y for y, f, s in zip(labels, flips, shifts, strict=True)]
+
+
+@pytest.mark.parametrize(("fraction", "num_classes"), [(0.0, 3), (0.3, 2), (0.4, 10), (0.9, 5)])
+def test_add_label_noise_matches_reference(fraction: float, num_classes: int) -> None:
+    from lightning_slsam.data.label_noise import add_label_noise
+
+    labels = [i % num_classes for i in range(200)]
+    got = add_label_noise(torch.tensor(labels), fraction, num_classes, np.random.default_rng(7))
+    assert got.tolist() == reference_label_noise(labels, fraction, num_classes, 7)
+    changed = [a != b for a, b in zip(got.tolist(), labels, strict=True)]
+    assert all(c == (f < fraction) for c, f in zip(changed, np.random.default_rng(7).random(200), strict=True))
+
+
+def test_text_label_noise_is_seeded_train_only_and_another_class(tmp_path: Path) -> None:
+    rows = ["text\tlabel", *(f"sentence number {i}\t{i % 3}" for i in range(60))]
+    write(tmp_path / "train.tsv", rows)
+    write(tmp_path / "dev.tsv", ["text\tlabel", "a\t0", "b\t1", "c\t2"])
+    clean, noisy, again = (TextTSVDataModule(str(tmp_path), label_noise=n, seed=1) for n in (0.0, 0.5, 0.5))
+    for data in (clean, noisy, again):
+        data.setup()
+    clean_labels, noisy_labels = clean.train_set.labels, noisy.train_set.labels  # type: ignore[union-attr]
+    expected = reference_label_noise(clean_labels, 0.5, 3, 1 + 2)
+    assert noisy_labels == expected and noisy_labels != clean_labels
+    assert noisy_labels == again.train_set.labels  # type: ignore[union-attr]
+    assert clean.val_set.labels == noisy.val_set.labels  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"^label_noise:"):
+        TextTSVDataModule(str(tmp_path), label_noise=1.0)

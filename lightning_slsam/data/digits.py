@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_slsam.data.label_noise import add_label_noise, check_label_noise
 from lightning_slsam.data.resumable_loader import ResumableDataModule
 from lightning_slsam.optional_dependencies import import_optional
 
@@ -50,8 +51,7 @@ class DigitsDataModule(ResumableDataModule):
             raise ValueError(f"channels: must be 1 or 3, got {channels!r}")
         if train_limit is not None and train_limit < 1:
             raise ValueError(f"train_limit: must be >= 1 or None, got {train_limit!r}")
-        if not 0.0 <= label_noise < 1.0:
-            raise ValueError(f"label_noise: must lie in [0, 1), got {label_noise!r}")
+        check_label_noise(label_noise)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.image_size = image_size
@@ -78,11 +78,7 @@ class DigitsDataModule(ResumableDataModule):
         val_idx, train_idx = order[:num_val], order[num_val:]
         if self.train_limit is not None:
             train_idx = train_idx[: self.train_limit]
-        train_labels = labels[train_idx].clone()
-        if self.label_noise > 0:
-            flip = torch.from_numpy(rng.random(len(train_idx)) < self.label_noise)
-            shift = torch.from_numpy(rng.integers(1, self.num_classes, len(train_idx)))
-            train_labels[flip] = (train_labels[flip] + shift[flip]) % self.num_classes
+        train_labels = add_label_noise(labels[train_idx], self.label_noise, self.num_classes, rng)
         self.train_set = TensorDataset(images[train_idx], train_labels)
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
 

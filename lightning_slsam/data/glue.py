@@ -119,6 +119,7 @@ class GLUEDataModule(TokenizedTextDataModule):
         val_limit: keep this many validation examples, drawn at random (None = all).
         seed: the subset and shuffling seed (default 0).
         num_workers: DataLoader worker processes (default 0).
+        label_noise: fraction of training labels replaced by a random other class, in [0, 1) (default 0).
 
     Attributes:
         num_labels: the task's classes (CoLA, SST-2, MRPC, QQP, QNLI, RTE, WNLI 2; MNLI 3).
@@ -140,11 +141,12 @@ class GLUEDataModule(TokenizedTextDataModule):
         val_limit: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        label_noise: float = 0.0,
     ) -> None:
         if task not in GLUE_TASKS:
             hint = " (STS-B is a regression task and is not offered)" if task == "stsb" else ""
             raise ValueError(f"task: expected one of {', '.join(GLUE_TASKS)}, got {task!r}{hint}")
-        super().__init__(tokenizer, max_length, batch_size, train_limit, val_limit, seed, num_workers)
+        super().__init__(tokenizer, max_length, batch_size, train_limit, val_limit, seed, num_workers, label_noise)
         self.task = task
         self.task_info = GLUE_TASKS[task]
         self.num_labels = self.task_info.num_labels

@@ -43,6 +43,7 @@ class TextTSVDataModule(TokenizedTextDataModule):
         quoted: fields may be wrapped in double quotes, as pandas/csv write them (default False: quotes are
             plain characters, as in GLUE's files).
         num_workers: DataLoader worker processes (default 0).
+        label_noise: fraction of training labels replaced by a random other class, in [0, 1) (default 0).
 
     Attributes:
         num_labels: the number of distinct training labels.
@@ -71,8 +72,9 @@ class TextTSVDataModule(TokenizedTextDataModule):
         val_file: str | None = None,
         quoted: bool = False,
         num_workers: int = 0,
+        label_noise: float = 0.0,
     ) -> None:
-        super().__init__(tokenizer, max_length, batch_size, train_limit, val_limit, seed, num_workers)
+        super().__init__(tokenizer, max_length, batch_size, train_limit, val_limit, seed, num_workers, label_noise)
         self.path = path
         self.train_file = self._locate(path, train_file, "train_file", "train.tsv")
         self.val_file = self._locate(path, val_file, "val_file", "dev.tsv")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_slsam.data.label_noise import add_label_noise, check_label_noise
 from lightning_slsam.data.resumable_loader import ResumableDataModule
 from lightning_slsam.models.hf_pretrained import PretrainedSource, resolve_pretrained
 from lightning_slsam.optional_dependencies import import_optional
@@ -123,6 +124,8 @@ class TokenizedTextDataModule(ResumableDataModule):
         val_limit: keep this many validation examples, drawn at random with ``seed`` (None = all).
         seed: the subset and shuffling seed (default 0).
         num_workers: DataLoader worker processes (default 0).
+        label_noise: fraction of training labels replaced by a random other class, in [0, 1) (default 0; drawn
+            with ``seed``, after the subset); the validation labels stay true.
 
     The training loader shuffles with a permutation of ``(seed, epoch)`` and its position is part of the
     checkpoint, so a resumed run continues the order of an uninterrupted one (``resumable_loader.py``).
@@ -139,8 +142,10 @@ class TokenizedTextDataModule(ResumableDataModule):
         val_limit: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
+        self.label_noise = check_label_noise(label_noise)
         if not (isinstance(max_length, int) and max_length >= 2):
             raise ValueError(f"max_length: must be an int >= 2 (room for the special tokens), got {max_length!r}")
         if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -180,6 +185,14 @@ class TokenizedTextDataModule(ResumableDataModule):
         train = self.read_split("train")
         val = self.read_split("val")
         train = train.subset(choose_subset(len(train), self.train_limit, self.seed))
+        if self.label_noise > 0:
+            noisy = add_label_noise(
+                torch.tensor(train.labels, dtype=torch.long),
+                self.label_noise,
+                self.num_labels,
+                np.random.default_rng(self.seed + 2),  # its own stream: the subset does not move with the noise
+            )
+            train = TextExamples(train.texts, train.pairs, noisy.tolist())
         val = val.subset(choose_subset(len(val), self.val_limit, self.seed + 1))
         self.train_set = self.tokenize(tokenizer, train)
         self.val_set = self.tokenize(tokenizer, val)
