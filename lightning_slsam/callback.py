@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import attention_inputs
+from lightning_slsam import attention_inputs, module_conversion, pass_context
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
@@ -157,10 +158,8 @@ class SharpnessAware(pl.Callback):
             raise ValueError(
                 f"{name}: a Trainer takes one sharpness-aware callback, got {name} and {', '.join(others)}"
             )
-        if type(pl_module).compute_loss is SharpnessAwareMixin.compute_loss:
-            raise NotImplementedError(
-                f"{type(pl_module).__name__}.compute_loss: implement compute_loss(self, batch) -> scalar loss"
-            )
+        # the loss comes from the module's training_step or compute_loss; refuse what would not train two-pass
+        module_conversion.check_module(pl_module, SharpnessAwareMixin, name)
         check_strategy(trainer.strategy, name)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -280,16 +279,18 @@ class SharpnessAware(pl.Callback):
             probs = self.probabilities()
             if probs is not None:
                 self._history.append(probs.to(torch.float32))
-        module.log("train/loss", loss.detach(), prog_bar=True)
-        module.log("train/active_ratio", ratio)
-        module.log("train/passes", 1.0 if loss2 is None else 2.0)
+        # a key the user's training_step logged this step keeps the user's value
+        log = functools.partial(pass_context.log_unless_user_logged, module)
+        log("train/loss", loss.detach(), prog_bar=True)
+        log("train/active_ratio", ratio)
+        log("train/passes", 1.0 if loss2 is None else 2.0)
         if self.method is not None and self.method.measures_norms:
-            module.log("train/grad_norm", first.norm_over(active1))
+            log("train/grad_norm", first.norm_over(active1))
         if loss2 is not None and active2 is not None:
-            module.log("train/loss_perturbed", loss2.detach())
-            module.log("train/sharpness", (loss2 - loss).detach())
+            log("train/loss_perturbed", loss2.detach())
+            log("train/sharpness", (loss2 - loss).detach())
         # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
-        module.log("train/active_ratio_pass2", ratio2)
+        log("train/active_ratio_pass2", ratio2)
 
     @property
     def mean_active_ratio(self) -> float:
