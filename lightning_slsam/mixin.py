@@ -47,9 +47,10 @@ class SharpnessAwareMixin:
         ...         return F.cross_entropy(self.model(x), y)
     """
 
-    #: Which pass of the step is running: 0 outside the step, 1 at the weights w, 2 at w + e, 3 a method's
-    #: extra pass (SSAM-F's Fisher score). ``self.log`` is kept in pass 1 only (pass_context.py).
     sam_pass: int = pass_context.OUTSIDE
+    """Which pass of the step is running: 0 outside the step, 1 at the weights ``w``, 2 at ``w + e``, 3 an extra
+    pass of a method (SSAM-F's Fisher score). ``self.log`` is kept in pass 1 only; guard other state updates
+    (torchmetrics, counters) with ``if self.sam_pass == 1``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
