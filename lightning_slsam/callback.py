@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import attention_inputs, module_conversion, pass_context
+from lightning_slsam import attention_inputs, module_conversion, pass_context, probability_logging
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
@@ -65,8 +65,12 @@ class SharpnessAware(pl.Callback):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
     ``train/grad_norm`` (``||g||`` over the pass-1 arms, unscaled), ``train/active_ratio`` (fraction of
     trainable elements with a gradient in pass 1), ``train/active_ratio_pass2`` (the same for pass 2; 0 on
-    a one-pass step) and ``train/passes`` (1 or 2 forward-backward passes this step).
-    At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began.
+    a one-pass step), ``train/passes`` (1 or 2 forward-backward passes this step) and ``train/lr`` (the
+    learning rate of the update; ``train/lr_pg<i>`` per parameter group when there are several); for methods
+    that sample arms, ``train/prob_min``, ``train/prob_max`` and ``train/prob_entropy``
+    (``probability_logging.py``).
+    At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began, and on a
+    TensorBoard logger a histogram and a heatmap image of the per-arm probabilities.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class SharpnessAware(pl.Callback):
         self.selection_counts = torch.zeros(0, dtype=torch.long)
         self._history: list[Tensor] = []
         self._attention_hooks: list[Any] = []
+        self._update_lrs: list[float] | None = None  # per parameter group, read at this step's optimizer.step()
 
     def build_method(self, layout: ArmLayout) -> Method:
         """The method this callback runs, for the model's arms."""
@@ -211,6 +216,9 @@ class SharpnessAware(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # kept for record_step: a self.log from this nested hook would make Lightning drop, on the first batch,
+        # what training_step logged before it (its results are reset when the hook name changes)
+        self._update_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         # Lightning calls this after the precision plugin unscaled the gradients (not before, issue 18089)
         if self.clip_grad_norm is None and self.clip_grad_value is None:
             return
@@ -228,6 +236,14 @@ class SharpnessAware(pl.Callback):
         step_schedulers(trainer, "epoch", epoch_end=True)
         if self.steps:
             pl_module.log("train/active_ratio_epoch", self.active_ratio_sum / self.steps)
+        if self.layout is not None:  # SL-SAM: histogram and heatmap of the arm probabilities on TensorBoard
+            probability_logging.log_epoch(
+                trainer.loggers,
+                self.probabilities(),
+                self.probability_history(),
+                self.layout.names,
+                trainer.global_step,
+            )
 
     # --- used by the mixin's step ----------------------------------------------------------------------
     def collect(self, batch: Any, last: bool) -> list[Any] | None:
@@ -291,6 +307,14 @@ class SharpnessAware(pl.Callback):
             log("train/sharpness", (loss2 - loss).detach())
         # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
         log("train/active_ratio_pass2", ratio2)
+        if self._update_lrs is not None:  # the learning rates of this step's update (none when it was skipped)
+            for index, lr in enumerate(self._update_lrs):
+                log("train/lr" if len(self._update_lrs) == 1 else f"train/lr_pg{index}", lr)
+            self._update_lrs = None
+        probs = self.probabilities()
+        if probs is not None:  # methods that sample arms: a summary of the per-arm probabilities, any logger
+            for key, value in probability_logging.summary(probs).items():
+                log(key, value)
 
     @property
     def mean_active_ratio(self) -> float:
