@@ -326,3 +326,36 @@ def test_no_callback_trains_the_converted_module_as_the_base_optimizer() -> None
     for got, want in zip(module.model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert module.seen == [(1, i) for i in range(STEPS)]
+
+
+# --- what else an existing module brings: its callbacks and its plateau scheduler ------------------------------
+class Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+
+class WithCallbacksAndPlateau(UserNet):
+    def configure_callbacks(self) -> L.Callback:
+        self.recorder = Recorder()
+        return self.recorder
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.plateau, "monitor": "user/loss"}}
+
+
+@pytest.mark.parametrize("with_callback", [True, False], ids=["sam", "no-callback"])
+@pytest.mark.parametrize("order", ["first", "last"])
+def test_inherited_callbacks_and_plateau_monitor_are_kept(order: str, with_callback: bool) -> None:
+    module = convert(WithCallbacksAndPlateau, order)()
+    callbacks = [SAM(rho=RHO)] if with_callback else []
+    fitted = trainer(callbacks, max_steps=-1, max_epochs=2)
+    fitted.fit(module, loader())
+    assert module.recorder.batches == 2 * STEPS  # the module's own callback ran
+    sharpness = [c for c in fitted.callbacks if isinstance(c, (SAM, Plain))]
+    assert len(sharpness) == 1 and sharpness[0].passes_sum == (2 if with_callback else 1) * 2 * STEPS
+    assert module.plateau.last_epoch == 2  # stepped once per epoch on the monitored user/loss
