@@ -111,7 +111,7 @@ def reference_sam(model: nn.Module, batches: Sequence[Any], rho: float | None) -
     losses = []
     for x, y in batches:
         loss = F.cross_entropy(model(x), y)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads = torch.autograd.grad(loss, params)
         if rho is not None:
             norm = torch.sqrt(sum((g**2).sum() for g in grads))
