@@ -14,7 +14,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as L
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor, nn
@@ -56,8 +56,9 @@ class SharpnessAwareMixin:
         super().__init_subclass__(**kwargs)
         # the mixin owns training_step (a user's becomes the loss of each pass), also when it comes last
         module_conversion.install(cls, SharpnessAwareMixin)
+        # keep the schedulers' monitor keys, also of a configure_optimizers inherited from a plain LightningModule
         configure = inspect.getattr_static(cls, "configure_optimizers", None)
-        if configure is not None and configure is not inspect.getattr_static(L.LightningModule, "configure_optimizers"):
+        if configure is not None and configure is not pl.LightningModule.__dict__["configure_optimizers"]:
             cls.configure_optimizers = _capturing_monitors(configure)  # type: ignore[attr-defined]
 
     def configure_callbacks(self) -> list[Any]:
