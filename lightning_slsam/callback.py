@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import attention_inputs
+from lightning_slsam import attention_inputs, module_conversion, pass_context, probability_logging
 from lightning_slsam.arm_groups import check_spec, select_arms
 from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
@@ -77,9 +78,13 @@ class SharpnessAware(pl.Callback):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
     ``train/grad_norm`` (``||g||`` over the pass-1 arms, unscaled), ``train/active_ratio`` (fraction of
     trainable elements with a gradient in pass 1), ``train/active_ratio_pass2`` (the same for pass 2; 0 on
-    a one-pass step), ``train/passes`` (1 or 2 forward-backward passes this step) and ``train/skipped_steps``
-    (steps skipped for non-finite gradients since training began).
-    At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began.
+    a one-pass step), ``train/passes`` (1 or 2 forward-backward passes this step), ``train/skipped_steps``
+    (steps skipped for non-finite gradients since training began) and ``train/lr`` (the
+    learning rate of the update; ``train/lr_pg<i>`` per parameter group when there are several); for methods
+    that sample arms, ``train/prob_min``, ``train/prob_max`` and ``train/prob_entropy``
+    (``probability_logging.py``).
+    At each epoch end: ``train/active_ratio_epoch``, the mean active ratio since training began, and on a
+    TensorBoard logger a histogram and a heatmap image of the per-arm probabilities.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class SharpnessAware(pl.Callback):
         self.selection_counts = torch.zeros(0, dtype=torch.long)
         self._history: list[Tensor] = []
         self._attention_hooks: list[Any] = []
+        self._update_lrs: list[float] | None = None  # per parameter group, read at this step's optimizer.step()
 
     def build_method(self, layout: ArmLayout) -> Method:
         """The method this callback runs, for the model's arms."""
@@ -182,10 +188,8 @@ class SharpnessAware(pl.Callback):
             raise ValueError(
                 f"{name}: a Trainer takes one sharpness-aware callback, got {name} and {', '.join(others)}"
             )
-        if type(pl_module).compute_loss is SharpnessAwareMixin.compute_loss:
-            raise NotImplementedError(
-                f"{type(pl_module).__name__}.compute_loss: implement compute_loss(self, batch) -> scalar loss"
-            )
+        # the loss comes from the module's training_step or compute_loss; refuse what would not train two-pass
+        module_conversion.check_module(pl_module, SharpnessAwareMixin, name)
         check_strategy(trainer.strategy, name)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,6 +241,9 @@ class SharpnessAware(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # kept for record_step: a self.log from this nested hook would make Lightning drop, on the first batch,
+        # what training_step logged before it (its results are reset when the hook name changes)
+        self._update_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         # Lightning calls this after the precision plugin unscaled the gradients (not before, issue 18089)
         if self.clip_grad_norm is None and self.clip_grad_value is None:
             return
@@ -254,6 +261,14 @@ class SharpnessAware(pl.Callback):
         step_schedulers(trainer, "epoch", epoch_end=True)
         if self.steps:
             pl_module.log("train/active_ratio_epoch", self.active_ratio_sum / self.steps)
+        if self.layout is not None:  # SL-SAM: histogram and heatmap of the arm probabilities on TensorBoard
+            probability_logging.log_epoch(
+                trainer.loggers,
+                self.probabilities(),
+                self.probability_history(),
+                self.layout.names,
+                trainer.global_step,
+            )
 
     # --- used by the mixin's step ----------------------------------------------------------------------
     def collect(self, batch: Any, last: bool) -> list[Any] | None:
@@ -305,23 +320,33 @@ class SharpnessAware(pl.Callback):
             probs = self.probabilities()
             if probs is not None:
                 self._history.append(probs.to(torch.float32))
-        module.log("train/loss", loss.detach(), prog_bar=True)
-        module.log("train/active_ratio", ratio)
-        module.log("train/passes", 1.0 if loss2 is None else 2.0)
+        # a key the user's training_step logged this step keeps the user's value
+        log = functools.partial(pass_context.log_unless_user_logged, module)
+        log("train/loss", loss.detach(), prog_bar=True)
+        log("train/active_ratio", ratio)
+        log("train/passes", 1.0 if loss2 is None else 2.0)
         if self.method is not None and self.method.measures_norms:
-            module.log("train/grad_norm", first.norm_over(active1))
+            log("train/grad_norm", first.norm_over(active1))
         if loss2 is not None and active2 is not None:
-            module.log("train/loss_perturbed", loss2.detach())
-            module.log("train/sharpness", (loss2 - loss).detach())
+            log("train/loss_perturbed", loss2.detach())
+            log("train/sharpness", (loss2 - loss).detach())
         # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
-        module.log("train/active_ratio_pass2", ratio2)
+        log("train/active_ratio_pass2", ratio2)
+        if self._update_lrs is not None:  # the learning rates of this step's update (none when it was skipped)
+            for index, lr in enumerate(self._update_lrs):
+                log("train/lr" if len(self._update_lrs) == 1 else f"train/lr_pg{index}", lr)
+            self._update_lrs = None
+        probs = self.probabilities()
+        if probs is not None:  # methods that sample arms: a summary of the per-arm probabilities, any logger
+            for key, value in probability_logging.summary(probs).items():
+                log(key, value)
 
     def record_skip(
         self, module: pl.LightningModule, skipped: bool, global_step: int, where: str, scaler: bool
     ) -> None:
         """Count a skipped step (warns; raises after ``max_skipped_steps`` in a row) and log the running count."""
         self.skipped.record(skipped, global_step, where, scaler)
-        module.log("train/skipped_steps", float(self.skipped.total))
+        pass_context.log_unless_user_logged(module, "train/skipped_steps", float(self.skipped.total))
 
     @property
     def mean_active_ratio(self) -> float:

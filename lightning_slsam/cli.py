@@ -36,6 +36,10 @@ from lightning_slsam.rng_state import RNGState
 from lightning_slsam.run_stats import RunStats
 
 log = logging.getLogger("lightning_slsam")
+# Lightning 2.6.6 (the newest release) builds torch's LeafSpec for every DataLoader it wraps, which torch (2.14
+# here) deprecates with a FutureWarning on every fit; nothing in this package or its configs causes it, so the
+# run does not show it (library users keep their own warning filters)
+LIGHTNING_PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 register_schemas()
 
 
@@ -208,7 +212,12 @@ def train(cfg: DictConfig) -> float:
         default_root_dir=str(run_dir),
         enable_checkpointing=bool(cfg.save_checkpoints),
     )
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    hyperparameters = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}  # type: ignore[union-attr]
+    for run_logger in trainer.loggers:  # the composed config (TensorBoard and CSV: hparams.yaml)
+        run_logger.log_hyperparams(hyperparameters)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LIGHTNING_PYTREE_WARNING, category=FutureWarning)
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
 
     best = _best(stats)
     if trainer.is_global_zero:

@@ -1,21 +1,25 @@
 """``SharpnessAwareMixin``: the manual-optimization training step shared by every method (DESIGN.md 3).
 
-The user writes ``compute_loss(batch)`` and ``configure_optimizers`` (the plain base optimizer); the mixin
-owns ``training_step``. With a :class:`~lightning_slsam.callback.SharpnessAware` callback on the Trainer it
-runs that callback's method; without one it trains as the base optimizer, one pass per step.
+The user keeps a ``training_step`` that returns the loss, or writes ``compute_loss(batch)``, and
+``configure_optimizers`` (the plain base optimizer); the mixin owns the step Lightning calls
+(``module_conversion.py`` says how, in any base order). With a
+:class:`~lightning_slsam.callback.SharpnessAware` callback on the Trainer it runs that callback's method;
+without one it trains as the base optimizer, one pass per step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor, nn
 
-from lightning_slsam import perturbation
+from lightning_slsam import module_conversion, pass_context, perturbation
 from lightning_slsam.arms import ArmLayout
 from lightning_slsam.distributed import all_reduce_mean
 from lightning_slsam.lr_schedules import split_monitors, step_schedulers
@@ -27,10 +31,13 @@ if TYPE_CHECKING:
 
 
 class SharpnessAwareMixin:
-    """Mix into a ``LightningModule`` (before it) to train with the method of a ``SharpnessAware`` callback.
+    """Mix into a ``LightningModule`` (first or last among the bases) to train with the method of a
+    ``SharpnessAware`` callback.
 
-    Write ``compute_loss(batch) -> Tensor`` (the scalar training loss) instead of ``training_step``, and
-    return the plain base optimizer from ``configure_optimizers``. The mixin turns Lightning's automatic
+    Keep your ``training_step(batch, batch_idx)``: it returns the loss (a scalar tensor or a dict with a
+    ``"loss"`` entry) and may call ``self.log``; the step runs it once per forward pass and keeps what it
+    logs in pass 1 only. Or write ``compute_loss(batch) -> Tensor`` (the scalar training loss) instead.
+    Return the plain base optimizer from ``configure_optimizers``. The mixin turns Lightning's automatic
     optimization off and calls ``optimizer.step()`` through Lightning, so ``global_step``, checkpoints,
     precision plugins and optimizer hooks work as usual.
 
@@ -41,26 +48,34 @@ class SharpnessAwareMixin:
         ...         return F.cross_entropy(self.model(x), y)
     """
 
+    sam_pass: int = pass_context.OUTSIDE
+    """Which pass of the step is running: 0 outside the step, 1 at the weights ``w``, 2 at ``w + e``, 3 an extra
+    pass of a method (SSAM-F's Fisher score). ``self.log`` is kept in pass 1 only; guard other state updates
+    (torchmetrics, counters) with ``if self.sam_pass == 1``."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "training_step" in cls.__dict__:
-            raise TypeError(
-                f"{cls.__name__}: a SharpnessAwareMixin module must not define training_step; the mixin owns "
-                "the sharpness-aware step. Put the loss in compute_loss(self, batch) instead."
-            )
-        if "configure_optimizers" in cls.__dict__:
-            cls.configure_optimizers = _capturing_monitors(cls.__dict__["configure_optimizers"])  # type: ignore[attr-defined]
+        # the mixin owns training_step (a user's becomes the loss of each pass), also when it comes last
+        module_conversion.install(cls, SharpnessAwareMixin)
+        # keep the schedulers' monitor keys, also of a configure_optimizers inherited from a plain LightningModule
+        configure = inspect.getattr_static(cls, "configure_optimizers", None)
+        if configure is not None and configure is not pl.LightningModule.__dict__["configure_optimizers"]:
+            cls.configure_optimizers = _capturing_monitors(configure)  # type: ignore[attr-defined]
 
     def configure_callbacks(self) -> list[Any]:
-        """Without a sharpness-aware callback on the Trainer, train with :class:`~lightning_slsam.Plain`.
+        """The module's own callbacks; without a sharpness-aware callback on the Trainer, also
+        :class:`~lightning_slsam.Plain`, so the module trains as the base optimizer.
 
         (A module that overrides ``configure_callbacks`` without calling this still trains as the base
         optimizer, through a fallback step that does not step epoch-interval LR schedulers at the last epoch.)
         """
+        return self._with_plain_fallback(module_conversion.inherited_callbacks(self, SharpnessAwareMixin))
+
+    def _with_plain_fallback(self, callbacks: list[Any]) -> list[Any]:
         from lightning_slsam.callback import Plain, find_sharpness_callback
 
         trainer = getattr(self, "_trainer", None)
-        return [Plain()] if trainer is not None and find_sharpness_callback(trainer) is None else []
+        return [*callbacks, Plain()] if trainer is not None and find_sharpness_callback(trainer) is None else callbacks
 
     @property
     def automatic_optimization(self) -> bool:
@@ -82,15 +97,20 @@ class SharpnessAwareMixin:
             )
 
     def compute_loss(self, batch: Any) -> Tensor:
-        """The scalar training loss of ``batch``. Called once per forward pass (twice per SAM step)."""
-        raise NotImplementedError(
-            f"{type(self).__name__}.compute_loss: a SharpnessAwareMixin module must implement "
-            "compute_loss(self, batch) and return the scalar training loss"
-        )
+        """The scalar training loss of ``batch``. Called once per forward pass (twice per SAM step).
+
+        A module that keeps its own ``training_step`` need not write it: this then returns that step's loss
+        (run with ``batch_idx`` 0 and ``self.log`` muted), for methods that call it on other batches (SSAM-F).
+        """
+        return module_conversion.compute_loss_from_training_step(self, batch)
 
     # --- the step --------------------------------------------------------------------------------------
+    @module_conversion.step_entry
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """One micro-batch; every ``accumulate``-th call runs the method's step (DESIGN.md section 3)."""
+        if pass_context.current(self) != pass_context.OUTSIDE:  # called inside a pass: the loss of the batch
+            return module_conversion.run_after(SharpnessAwareMixin, self, batch, batch_idx)
+        pass_context.start_step(self, batch_idx)
         module: Any = self
         step_schedulers(module.trainer, "epoch")
         callback = self._sharpness_callback()
@@ -169,25 +189,25 @@ class SharpnessAwareMixin:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_schedulers(module.trainer, "step")
-        module.log("train/loss", loss, prog_bar=True)
+        pass_context.log_unless_user_logged(module, "train/loss", loss, prog_bar=True)
         skipped = module.__dict__.setdefault("_skipped_steps", SkippedSteps(owner=type(module).__name__))
         skipped.record(not finite, global_step, "pass 1 (at w)", scaler is not None)
-        module.log("train/skipped_steps", float(skipped.total))
+        pass_context.log_unless_user_logged(module, "train/skipped_steps", float(skipped.total))
         return loss
 
-    def _forward_backward(self, group: list[Any]) -> Tensor:
-        """Forward and backward over the micro-batches of one step; the mean loss (detached)."""
+    def _forward_backward(self, group: list[Any], sam_pass: int = pass_context.AT_W) -> Tensor:
+        """Forward and backward over the micro-batches of one step; the mean loss (detached).
+
+        ``sam_pass``: 1 (at w) or 2 (at w + e); the user's ``self.log`` is kept in pass 1 only.
+        """
         total = None
-        for batch in group:
-            loss = self.compute_loss(batch)
-            if not isinstance(loss, Tensor) or loss.ndim != 0:
-                raise TypeError(
-                    f"{type(self).__name__}.compute_loss must return a scalar tensor, got "
-                    f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-                )
-            if loss.requires_grad:  # False when no active parameter took part in the forward pass
-                self.manual_backward(loss / len(group) if len(group) > 1 else loss)  # type: ignore[attr-defined]
-            total = loss.detach() if total is None else total + loss.detach()
+        indices = pass_context.batch_indices(self, len(group))
+        with pass_context.running(self, sam_pass):
+            for batch, batch_idx in zip(group, indices, strict=True):
+                loss = module_conversion.pass_loss(self, batch, batch_idx)  # training_step or compute_loss
+                if loss.requires_grad:  # False when no active parameter took part in the forward pass
+                    self.manual_backward(loss / len(group) if len(group) > 1 else loss)  # type: ignore[attr-defined]
+                total = loss.detach() if total is None else total + loss.detach()
         assert total is not None
         return total / len(group) if len(group) > 1 else total
 
@@ -220,7 +240,7 @@ class SharpnessAwareMixin:
             # the calls below the lowest active module of pass 1 give the same outputs at w + e: replay them
             reuse = callback.prefix_reuse if not bool((active2 & ~active1).any()) else None
             with callback.second_pass_context(), reuse.replay() if reuse is not None else contextlib.nullcontext():
-                loss2 = self._forward_backward(group)
+                loss2 = self._forward_backward(group, pass_context.PERTURBED)
         finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in compute_loss)
             perturbation.restore(params, saved)
         method.combine(params, first_grads, first)

@@ -439,17 +439,6 @@ class NoComputeLoss(SharpnessAwareMixin, L.LightningModule):
         return torch.optim.AdamW(self.parameters())
 
 
-def test_training_step_in_mixin_module_is_refused_at_class_definition() -> None:
-    with pytest.raises(TypeError, match="training_step"):
-
-        class Bad(SharpnessAwareMixin, L.LightningModule):
-            def compute_loss(self, batch: Any) -> Tensor:
-                raise AssertionError
-
-            def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-                raise AssertionError
-
-
 def test_two_sharpness_callbacks_are_refused(make_module, make_trainer, tiny_loader) -> None:
     module = make_module()
     before = snapshot(module)
