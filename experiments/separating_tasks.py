@@ -78,6 +78,19 @@ METHODS: dict[str, list[str]] = {
 BENCH_NAMES: dict[str, str] = {"slsam-0.2": "slsam"}
 
 
+def finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` ended: its record says so (``finished``), or, for records written before that
+    key existed, its output ends with the CLI's closing line."""
+    path = folder / "result.json"
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    if "finished" in record:
+        return bool(record["finished"])
+    output = folder / "stdout.txt"
+    return output.is_file() and "(results in " in output.read_text(errors="replace")
+
+
 # --- run ------------------------------------------------------------------------------------------------------------
 def run_name(method: str, lr: str, seed: int) -> str:
     return f"{method}_lr{lr}_s{seed}"
@@ -93,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     train = [sys.executable, "-c", "from lightning_slsam.cli import main; main()"]
     for method, lr, seed in queue:
         folder = out / run_name(method, lr, seed)
-        if (folder / "result.json").exists():
+        if finished(folder):
             continue
         while len(running) >= args.jobs:
             running = [(p, f) for p, f in running if p.poll() is None]
@@ -160,6 +173,9 @@ def summarize(args: argparse.Namespace) -> int:
     for record_path in sorted(Path(args.sweep).glob("*/result.json")):
         record = json.loads(record_path.read_text())
         folder = record_path.parent
+        if not finished(folder):
+            print(f"skipping {folder.name}: the run has not finished", file=sys.stderr)
+            continue
         lr = record["config"]["optimizer"]["lr"]
         runs.append(
             {

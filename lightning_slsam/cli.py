@@ -180,7 +180,9 @@ def train(cfg: DictConfig) -> float:
     callbacks: list[pl.Callback] = [method, stats]
     # issue 15: exact resume (global RNG states in the checkpoint) and a record at every validation
     callbacks.append(RNGState())
-    callbacks.append(_RecordAtValidation(lambda t: _write_record(cfg, run_dir, t, method, stats, _best(stats))))
+    callbacks.append(
+        _RecordAtValidation(lambda t: _write_record(cfg, run_dir, t, method, stats, _best(stats), finished=False))
+    )
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(_progress_bar())
     if cfg.save_checkpoints:
@@ -221,7 +223,7 @@ def train(cfg: DictConfig) -> float:
 
     best = _best(stats)
     if trainer.is_global_zero:
-        _write_record(cfg, run_dir, trainer, method, stats, best)
+        _write_record(cfg, run_dir, trainer, method, stats, best, finished=True)
         print(f"best {cfg.metric}: {best:.4f}  (results in {run_dir})")
     return best
 
@@ -231,10 +233,17 @@ def _best(stats: RunStats) -> float:
 
 
 def _write_record(
-    cfg: DictConfig, run_dir: Path, trainer: pl.Trainer, method: SharpnessAware, stats: RunStats, best: float
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: pl.Trainer,
+    method: SharpnessAware,
+    stats: RunStats,
+    best: float,
+    finished: bool,
 ) -> None:
     choices = HydraConfig.get().runtime.choices
     record = {
+        "finished": finished,
         "method": method.method.name if method.method is not None else str(choices.get("method")),
         "method_label": str(cfg.method_label),
         "experiment": choices.get("experiment"),

@@ -31,6 +31,7 @@ def write_run(root: Path, method: str, lr: float, seed: int, accs: list[float], 
     folder = root / f"{method}_lr{lr:g}_s{seed}"
     (folder / "logs" / "version_0").mkdir(parents=True)
     record = {
+        "finished": True,
         "method": method,
         "method_label": method,
         "seed": seed,
@@ -124,9 +125,24 @@ def test_summary_reads_a_real_run(tasks, tmp_path: Path) -> None:
         ["method=base", "model.weights=null", "trainer.max_epochs=2", "logger=csv", *overrides], str(folder)
     )
     train(cfg)
+    assert json.loads((folder / "result.json").read_text())["finished"] is True
     summary = tmp_path / "summary.json"
     assert tasks.main(["summarize", str(tmp_path / "digits_noisy"), "--out", str(summary)]) == 0
     (run,) = json.loads(summary.read_text())["runs"]
     assert run["method"] == "base" and run["seed"] == 0 and run["lr"] == cfg.optimizer.lr
     assert [p["epoch"] for p in run["curve"]] == [0, 1]
     assert run["curve"][-1]["acc"] == pytest.approx(run["final"])
+
+
+def test_unfinished_runs_are_left_out_and_rerun(tasks, tmp_path: Path) -> None:
+    sweep = tmp_path / "digits_noisy"
+    write_run(sweep, "base", 1e-3, 0, [0.5, 0.6])
+    write_run(sweep, "sam", 1e-3, 0, [0.5])
+    record_path = sweep / "sam_lr0.001_s0" / "result.json"
+    record = json.loads(record_path.read_text())
+    record["finished"] = False  # as written at a validation of a run still going (or killed)
+    record_path.write_text(json.dumps(record))
+    assert tasks.finished(sweep / "base_lr0.001_s0") and not tasks.finished(sweep / "sam_lr0.001_s0")
+    summary = tmp_path / "summary.json"
+    assert tasks.main(["summarize", str(sweep), "--out", str(summary)]) == 0
+    assert [r["method"] for r in json.loads(summary.read_text())["runs"]] == ["base"]
