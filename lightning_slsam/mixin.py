@@ -1,4 +1,4 @@
-"""``SharpnessAwareMixin``: the manual-optimization training step shared by every method (DESIGN.md 3).
+"""``SharpnessAwareMixin``: the manual-optimization training step shared by every method (docs/design.md#step).
 
 The user writes ``compute_loss(batch)`` and ``configure_optimizers`` (the plain base optimizer); the mixin
 owns ``training_step``. With a :class:`~lightning_slsam.callback.SharpnessAware` callback on the Trainer it
@@ -90,7 +90,7 @@ class SharpnessAwareMixin:
 
     # --- the step --------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """One micro-batch; every ``accumulate``-th call runs the method's step (DESIGN.md section 3)."""
+        """One micro-batch; every ``accumulate``-th call runs the method's step (docs/design.md#step)."""
         module: Any = self
         step_schedulers(module.trainer, "epoch")
         callback = self._sharpness_callback()
