@@ -1,6 +1,6 @@
 """Arms: how a model's trainable parameters are grouped into the units a sampler turns on and off.
 
-Three modes (DESIGN.md section 5):
+Three modes (docs/design.md#arms):
 
 - ``"tensor"``: one arm per parameter tensor (weight and bias are separate arms); the paper's default.
 - ``"module"``: one arm per module that directly owns parameters (a ``Linear``'s weight and bias together).

@@ -1,4 +1,4 @@
-"""``slsam-train``: the Hydra entry point (DESIGN.md section 7). ``slsam-report`` lives in report.py.
+"""``slsam-train``: the Hydra entry point (docs/design.md#hydra). ``slsam-report`` lives in report.py.
 
     slsam-train                                   # the offline default: ResNet-20 fine-tuned on digits
     slsam-train method=slsam method.sparsity=0.5  # any key of conf/ from the command line

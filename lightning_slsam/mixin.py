@@ -1,4 +1,4 @@
-"""``SharpnessAwareMixin``: the manual-optimization training step shared by every method (DESIGN.md 3).
+"""``SharpnessAwareMixin``: the manual-optimization training step shared by every method (docs/design.md#step).
 
 The user keeps a ``training_step`` that returns the loss, or writes ``compute_loss(batch)``, and
 ``configure_optimizers`` (the plain base optimizer); the mixin owns the step Lightning calls
@@ -107,7 +107,7 @@ class SharpnessAwareMixin:
     # --- the step --------------------------------------------------------------------------------------
     @module_conversion.step_entry
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """One micro-batch; every ``accumulate``-th call runs the method's step (DESIGN.md section 3)."""
+        """One micro-batch; every ``accumulate``-th call runs the method's step (docs/design.md#step)."""
         if pass_context.current(self) != pass_context.OUTSIDE:  # called inside a pass: the loss of the batch
             return module_conversion.run_after(SharpnessAwareMixin, self, batch, batch_idx)
         pass_context.start_step(self, batch_idx)

@@ -1,7 +1,8 @@
 """Sweep report: tables and plots from the ``result.json`` records of a Hydra sweep (``slsam-report``).
 
 Every training run writes ``result.json`` (and ``probabilities.pt`` for methods that sample arms) in its own
-directory; see ``docs/results-record.md``. This module finds those records below a sweep directory, groups them by
+directory; see ``docs/results-record.md``. This module finds those records below a sweep directory, or reads them
+from a sweep summary (one JSON file per sweep, written by :mod:`lightning_slsam.sweep_summary`), groups them by
 ``(experiment, method_label)`` over seeds and writes ``report.md`` with a markdown table, an accuracy-vs-step-time plot
 and one sampling-probability heatmap per sampling method and experiment.
 
@@ -29,7 +30,10 @@ __all__ = [
     "method_styles",
     "plot_accuracy_vs_time",
     "plot_probability_heatmap",
+    "plot_probability_history",
+    "records_from_summary",
     "summarize",
+    "write_heatmaps",
     "write_report",
 ]
 
@@ -37,6 +41,10 @@ RECORD_NAME = "result.json"
 PROBABILITIES_NAME = "probabilities.pt"
 REPORT_NAME = "report.md"
 ACCURACY_PLOT_NAME = "accuracy_vs_time.png"
+#: The ``format`` field of a sweep summary (:mod:`lightning_slsam.sweep_summary` writes it, this module reads it).
+SUMMARY_FORMAT = "lightning-slsam sweep summary"
+#: The ``version`` of the summary layout this module reads.
+SUMMARY_VERSION = 1
 
 #: Fixed display order of the methods; ``slsam*`` labels come next, then ``slsam_uniform*``, then any others.
 METHOD_ORDER: tuple[str, ...] = ("base", "sam", "asam", "ssam_f", "ssam_d", "lagnp", "arsam", "looksam", "rst")
@@ -63,11 +71,16 @@ def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every ``result.json`` below ``sweep_dir`` (any depth, sorted by path), each with ``run_dir`` added (a str).
 
     Files that are not a JSON object are skipped with a warning (e.g. a run still writing its record).
+    ``sweep_dir`` may also be a sweep summary file (``summary.json``): then the records are
+    :func:`records_from_summary`'s.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` does not exist, is not a directory, or holds no readable record.
+        ValueError: ``sweep_dir`` is a file that is not a sweep summary.
     """
     root = Path(sweep_dir)
+    if root.is_file():
+        return records_from_summary(root)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist or is not a directory")
     records: list[dict[str, Any]] = []
@@ -86,6 +99,45 @@ def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
         records.append(record)
     if not records:
         raise FileNotFoundError(f"no {RECORD_NAME} records found below {str(root)!r}")
+    return records
+
+
+def records_from_summary(path: str | Path) -> list[dict[str, Any]]:
+    """The run records kept in a sweep summary, in its order, as :func:`load_records` gives them for run folders.
+
+    Each record holds the run's ``result.json`` keys, ``config`` (the summary's common config keys merged with the
+    run's own, as dotted keys: ``{"optimizer.lr": 0.001, ...}``), ``validation`` (the per-epoch validation curve),
+    ``probabilities`` for runs that sampled arms (``{"every", "arm_names", "history"}``, downsampled) and ``run_dir``:
+    where the run's folder was (``<summary's folder>/<run>``; it need not exist).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a sweep summary of a version this module reads, or it holds no run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no sweep summary at {str(path)!r}")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not a sweep summary (not JSON: {error})") from error
+    if not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a sweep summary (its 'format' is not {SUMMARY_FORMAT!r})")
+    if summary.get("version") != SUMMARY_VERSION:
+        raise ValueError(
+            f"{str(path)!r}: sweep summary 'version' {summary.get('version')!r} is not {SUMMARY_VERSION}, "
+            "the one this module reads"
+        )
+    runs = summary.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ValueError(f"{str(path)!r}: the sweep summary's 'runs' is not a non-empty list")
+    common = summary.get("config") or {}
+    records = []
+    for run in runs:
+        record = dict(run)
+        record["config"] = {**common, **(run.get("config") or {})}
+        record["run_dir"] = str(path.parent / str(run.get("run", "")))
+        records.append(record)
     return records
 
 
@@ -171,7 +223,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     base run), ``active_ratio``,
     ``active_ratio_pass2``, ``passes_per_step``, ``peak_memory_mb``, ``steps`` (means; None where no record has the
     key), ``run_dirs`` (aligned with ``seeds``; None for a record without one) and ``has_probabilities`` (some run
-    wrote ``probabilities.pt``).
+    wrote ``probabilities.pt``, or holds a ``probabilities`` history, as records from a summary do).
     """
     groups: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
     for record in records:
@@ -219,15 +271,19 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peak_memory_mb": _mean(_numbers(runs, "peak_memory_mb")),
                 "steps": _mean(_numbers(runs, "steps")),
                 "run_dirs": [r.get("run_dir") for r in runs],
-                "has_probabilities": any(
-                    "run_dir" in r and (Path(r["run_dir"]) / PROBABILITIES_NAME).is_file() for r in runs
-                ),
+                "has_probabilities": any(_has_probabilities(r) for r in runs),
             }
         )
     rows.sort(
         key=lambda row: (_experiment_key(row["experiment"]), _method_sort_key(row["method"], row["method_label"]))
     )
     return rows
+
+
+def _has_probabilities(record: dict[str, Any]) -> bool:
+    if isinstance(record.get("probabilities"), dict):
+        return True
+    return "run_dir" in record and (Path(record["run_dir"]) / PROBABILITIES_NAME).is_file()
 
 
 def _seed_key(seed: Any) -> tuple[int, Any]:
@@ -406,16 +462,24 @@ def _probability_figure(run_dir: str | Path, title: str | None = None) -> Any:
     import torch
 
     data = torch.load(source, map_location="cpu", weights_only=True)
-    history = torch.as_tensor(data["history"]).detach().to(torch.float32)
-    if history.ndim == 1:
-        history = history.unsqueeze(1)
-    if history.ndim != 2 or history.numel() == 0:
-        return None
-    records, arms = history.shape
-    every = int(data.get("every") or 1)
-    names = [str(name) for name in data.get("arm_names") or []]
+    history = torch.as_tensor(data["history"]).detach().to(torch.float32).numpy()
     if title is None:
         title = _run_title(Path(run_dir))
+    return _history_figure(history, int(data.get("every") or 1), data.get("arm_names"), title)
+
+
+def _history_figure(history: Any, every: int, arm_names: Sequence[Any] | None, title: str) -> Any:
+    """The figure of :func:`plot_probability_history`, or None for an empty history."""
+    import numpy as np
+
+    history = np.asarray(history, dtype=np.float32)
+    if history.ndim == 1:
+        history = history[:, None]
+    if history.ndim != 2 or history.size == 0:
+        return None
+    records, arms = history.shape
+    every = max(int(every), 1)
+    names = [str(name) for name in arm_names or []]
 
     named = len(names) == arms
     # one tick per arm up to MAX_LABELLED_ARMS, every k-th arm beyond, so that the names never overlap
@@ -423,18 +487,18 @@ def _probability_figure(run_dir: str | Path, title: str | None = None) -> Any:
     longest = max((len(name) for name in names), default=4) if named else 4
     width = max(min(4.0 + 0.06 * longest + 0.02 * records, 18.0), 7.0)
     height = min(max(2.5, 0.8 + ARM_ROW_INCHES * math.ceil(arms / stride)), 40.0) if named else 4.8
-    finite = history[torch.isfinite(history)]
+    finite = history[np.isfinite(history)]
     figure = _new_figure(width, height)
     ax = figure.subplots()
     image = ax.imshow(
-        history.T.numpy(),
+        history.T,
         aspect="auto",
         interpolation="nearest",
         cmap="viridis",
         origin="upper",
         extent=(-0.5 * every, (records - 0.5) * every, arms - 0.5, -0.5),
         vmin=0.0,
-        vmax=max(float(finite.max()), 1e-12) if finite.numel() else 1.0,
+        vmax=max(float(finite.max()), 1e-12) if finite.size else 1.0,
     )
     if named:
         ticks = list(range(0, arms, stride))
@@ -448,21 +512,69 @@ def _probability_figure(run_dir: str | Path, title: str | None = None) -> Any:
     return figure
 
 
+def _save(figure: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
 def plot_probability_heatmap(run_dir: str | Path, path: str | Path, title: str | None = None) -> bool:
     """Heatmap of the per-arm sampling probabilities in ``run_dir/probabilities.pt`` (arms on y, labelled with their
     names from the file's ``arm_names``; training steps = record index * ``every`` on x; with a colorbar), saved as
-    PNG at ``path``. Every arm is named up to :data:`MAX_LABELLED_ARMS` arms (the figure grows with the arm count),
-    every k-th beyond; a file without names falls back to arm indices.
+    PNG at ``path``: :func:`plot_probability_history` of the file's contents. Every arm is named up to
+    :data:`MAX_LABELLED_ARMS` arms (the figure grows with the arm count), every k-th beyond; a file without names
+    falls back to arm indices. ``title`` defaults to the run's experiment, label and seed from its ``result.json``.
 
     Returns False (writing nothing) when the run has no ``probabilities.pt`` or an empty history, True otherwise.
     """
     figure = _probability_figure(run_dir, title)
     if figure is None:
         return False
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    _save(figure, path)
     return True
+
+
+def plot_probability_history(
+    history: Any,
+    path: str | Path,
+    *,
+    every: int = 1,
+    arm_names: Sequence[str] | None = None,
+    title: str = "arm sampling probabilities",
+) -> bool:
+    """Heatmap of a per-arm probability history, saved as PNG at ``path``.
+
+    Args:
+        history: ``(records, arms)`` probabilities (nested lists, a NumPy array or a CPU tensor); record ``i`` is the
+            state after training step ``i * every``.
+        path: the PNG to write (folders are created).
+        every: training steps between two records (default 1).
+        arm_names: one name per arm for the y axis (every arm named up to :data:`MAX_LABELLED_ARMS`, every k-th
+            beyond); without them (or with a count that does not match) the axis shows arm indices.
+        title: the figure's title.
+
+    Returns:
+        False (writing nothing) for an empty history, True otherwise.
+    """
+    figure = _history_figure(history, every, arm_names, title)
+    if figure is None:
+        return False
+    _save(figure, path)
+    return True
+
+
+def _record_heatmap(record: dict[str, Any], path: Path) -> bool:
+    """The heatmap of one record: from its ``probabilities`` (a summary's record) or its run folder's file."""
+    kept = record.get("probabilities")
+    if isinstance(kept, dict):
+        return plot_probability_history(
+            kept.get("history") or [],
+            path,
+            every=int(kept.get("every") or 1),
+            arm_names=kept.get("arm_names"),
+            title=_record_title(record),
+        )
+    return plot_probability_heatmap(record["run_dir"], path)
 
 
 def _run_title(run_dir: Path) -> str:
@@ -470,6 +582,10 @@ def _run_title(run_dir: Path) -> str:
         record = json.loads((run_dir / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"arm sampling probabilities: {run_dir.name}"
+    return _record_title(record)
+
+
+def _record_title(record: dict[str, Any]) -> str:
     experiment = record.get("experiment")
     parts = [str(experiment)] if experiment else []
     parts.append(_label(record))
@@ -529,18 +645,54 @@ def _notes(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) ->
     return lines
 
 
+def write_heatmaps(
+    rows: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    experiment_folders: bool = True,
+) -> list[tuple[str | None, str, Path]]:
+    """One probability heatmap per sampling method of :func:`summarize`'s ``rows``: its first seed's run that has a
+    history (``probabilities.pt`` in its folder, or a summary record's ``probabilities``), as
+    ``<out_dir>/<experiment>/probabilities_<method_label>_seed<seed>.png`` (``<out_dir>/probabilities_...`` when
+    ``experiment_folders`` is False or the records name no experiment). ``records`` are the records the rows were
+    summarised from (matched through ``run_dir``). Returns ``(experiment, method_label, path)`` per heatmap written.
+    """
+    out = Path(out_dir)
+    by_dir = {str(r["run_dir"]): r for r in records if r.get("run_dir") is not None}
+    heatmaps: list[tuple[str | None, str, Path]] = []
+    for row in rows:
+        if not row["has_probabilities"]:
+            continue
+        for run_dir, seed in zip(row["run_dirs"], row["seeds"], strict=True):
+            if run_dir is None:
+                continue
+            nested = experiment_folders and row["experiment"] is not None
+            folder = out / _safe_name(row["experiment"]) if nested else out
+            target = folder / f"probabilities_{_safe_name(row['method_label'])}_seed{_safe_name(str(seed))}.png"
+            record = by_dir.get(str(run_dir), {"run_dir": run_dir})
+            if _record_heatmap(record, target):
+                heatmaps.append((row["experiment"], row["method_label"], target))
+                break
+    return heatmaps
+
+
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write ``report.md``, ``accuracy_vs_time.png`` and the probability heatmaps of a sweep; return the report path.
 
-    ``report.md`` holds the title, the sweep path, the :func:`markdown_table`, links to the plots and per-experiment
-    notes (metric, base step time, which seeds each method ran, missing or repeated seeds, devices).
-    The heatmaps: for each experiment and each sampling method (a label with some ``probabilities.pt``), the run
-    of the first seed that has one, as ``<out_dir>/<experiment>/probabilities_<method_label>_seed<seed>.png``
-    (directly in ``out_dir`` for records without an experiment; one folder per experiment, since the same label and
-    seed usually run in every experiment). ``out_dir`` defaults to ``sweep_dir``.
+    ``sweep_dir`` is a sweep directory (records at any depth) or a sweep summary file (``summary.json`` of
+    :mod:`lightning_slsam.sweep_summary`): the report is the same. ``report.md`` holds the title, the sweep path, the
+    :func:`markdown_table`, links to the plots and per-experiment notes (metric, base step time, which seeds each
+    method ran, missing or repeated seeds, devices).
+    The heatmaps: for each experiment and each sampling method (a label with some ``probabilities.pt``, or a
+    summary's history), the run of the first seed that has one, as
+    ``<out_dir>/<experiment>/probabilities_<method_label>_seed<seed>.png`` (:func:`write_heatmaps`; directly in
+    ``out_dir`` for records without an experiment; one folder per experiment, since the same label and seed usually
+    run in every experiment). ``out_dir`` defaults to ``sweep_dir`` (the summary's folder for a summary).
 
     Raises:
         FileNotFoundError: as :func:`load_records`.
+        ValueError: ``sweep_dir`` is a file that is not a sweep summary.
     """
     return _write_report(sweep_dir, out_dir)[0]
 
@@ -549,29 +701,17 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
     """:func:`write_report`, returning the report path and the markdown table."""
     sweep = Path(sweep_dir)
     records = load_records(sweep)
-    out = sweep if out_dir is None else Path(out_dir)
+    out = (sweep.parent if sweep.is_file() else sweep) if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     table = markdown_table(rows)
     plot_accuracy_vs_time(rows, out / ACCURACY_PLOT_NAME)
-
-    heatmaps: list[tuple[str | None, str, Path]] = []
-    for row in rows:
-        if not row["has_probabilities"]:
-            continue
-        for run_dir, seed in zip(row["run_dirs"], row["seeds"], strict=True):
-            if run_dir is None:
-                continue
-            folder = out if row["experiment"] is None else out / _safe_name(row["experiment"])
-            target = folder / f"probabilities_{_safe_name(row['method_label'])}_seed{_safe_name(str(seed))}.png"
-            if plot_probability_heatmap(run_dir, target):
-                heatmaps.append((row["experiment"], row["method_label"], target))
-                break
+    heatmaps = write_heatmaps(rows, records, out)
 
     lines = [
         "# Sweep report",
         "",
-        f"Sweep: `{sweep.resolve()}`",
+        f"{'Summary' if sweep.is_file() else 'Sweep'}: `{sweep.resolve()}`",
         "",
         f"{len(records)} run record(s), {len(rows)} (experiment, method) group(s). The metric is each run's best "
         "validation value (`best_metric`, higher is better): mean ± sample std over seeds. Step time is the median "
@@ -604,19 +744,27 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
 def main(argv: Sequence[str] | None = None) -> int:
     """``slsam-report SWEEP_DIR [--out DIR]``: write the report, print the table and the report path.
 
-    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, or when
-    matplotlib is not installed (``pip install 'lightning-slsam[report]'``).
+    ``SWEEP_DIR`` may also be a sweep summary file (``summary.json``, :mod:`lightning_slsam.sweep_summary`).
+    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, when the file
+    given is not a sweep summary, or when matplotlib is not installed (``pip install 'lightning-slsam[report]'``).
     """
     parser = argparse.ArgumentParser(
         prog="slsam-report",
         description="Summarise the result.json records of a Hydra sweep into report.md, a table and plots.",
     )
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (records at any depth)")
-    parser.add_argument("--out", metavar="DIR", default=None, help="where to write the report (default: SWEEP_DIR)")
+    parser.add_argument(
+        "sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (records at any depth), or a sweep summary file"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="where to write the report (default: SWEEP_DIR, or the summary's folder)",
+    )
     args = parser.parse_args(argv)
     try:
         report, table = _write_report(args.sweep_dir, args.out)
-    except (FileNotFoundError, ImportError) as error:
+    except (FileNotFoundError, ImportError, ValueError) as error:
         print(f"slsam-report: error: {error}", file=sys.stderr)
         return 2
     print(table, end="")

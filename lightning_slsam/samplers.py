@@ -2,7 +2,7 @@
 
 Every sampler has the same small interface: ``probs`` (float64, one entry per arm), ``sample()`` (a
 bool mask on the sampler's device), ``update(active, grad_norms)`` and ``state_dict()`` /
-``load_state_dict()``. ``Exp3Sampler`` is SL-SAM's bandit, exactly as DESIGN.md section 5 transcribes
+``load_state_dict()``. ``Exp3Sampler`` is SL-SAM's bandit, exactly as docs/design.md#bandit transcribes
 the authors' code, but vectorised in torch: no Python loop over arms.
 
 The samplers live on the CPU by default: the active mask must reach the host anyway (it decides which
@@ -276,7 +276,7 @@ def project_capped_simplex(weights: torch.Tensor, budget: float, tail_floor: flo
 
 
 class Exp3Sampler(_BernoulliSampler):
-    """SL-SAM's bandit (Exp3 with a capped-simplex projection), DESIGN.md section 5.
+    """SL-SAM's bandit (Exp3 with a capped-simplex projection), docs/design.md#bandit.
 
     Args:
         num_arms: number of arms N.
@@ -286,7 +286,7 @@ class Exp3Sampler(_BernoulliSampler):
         seed: generator seed; None draws one from the global torch RNG.
         norm_scale: ``"raw"`` (default, faithful) feeds the norms as given; ``"running_mean"`` divides
             them by a running mean of the active norms first, which makes the rule scale-free (the raw
-            rule freezes into a fixed subset when norms are large, DESIGN.md section 5).
+            rule freezes into a fixed subset when norms are large, docs/design.md#bandit).
         norm_momentum: the running mean's momentum for ``"running_mean"`` (default 0.99).
         device: where the state lives (default CPU).
     """

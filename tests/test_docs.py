@@ -37,6 +37,14 @@ DOCUMENTED_MODULES = {
     "lightning_slsam.cli": ["ConfigError", "train", "instantiate_group", "error_line", "main"],
     "lightning_slsam.optional_dependencies": ["OPTIONAL_MODULES", "import_optional", "install_hint"],
     "lightning_slsam.report": None,  # None: the module's __all__
+    "lightning_slsam.sweep_summary": [
+        "write_summary",
+        "build_summary",
+        "validation_curve",
+        "downsample_history",
+        "flatten_config",
+        "main",
+    ],
     "lightning_slsam.data": None,
     "lightning_slsam.models": None,
     "lightning_slsam.arm_groups": ["ARM_GROUPS", "select_arms", "check_spec"],

@@ -1,4 +1,4 @@
-"""Tests of the arm samplers against a plain, loop-based transcription of DESIGN.md section 5.
+"""Tests of the arm samplers against a plain, loop-based transcription of docs/design.md#bandit.
 
 Style: the reference below is slow, float64, lists and loops, written to be obviously right; the vectorised
 ``Exp3Sampler`` / ``project_capped_simplex`` must equal it (``torch.testing.assert_close``).
@@ -23,7 +23,7 @@ SPARSITIES = [0.05, 0.2, 0.5, 1.0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The plain reference (DESIGN.md section 5), written as loops over Python floats.
+# The plain reference (docs/design.md#bandit), written as loops over Python floats.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -684,5 +684,5 @@ def test_running_mean_is_scale_free_raw_is_not(factor: float) -> None:
     base_raw = _prob_trajectory("raw", 1.0)
     scaled_raw = _prob_trajectory("raw", factor)
     # The raw (faithful) rule's loss grows with the square of the norms, so the same factor changes the sequence
-    # a lot (x10 / x1000: collapses onto a fixed subset; x0.01: stays near uniform) - DESIGN.md section 5.
+    # a lot (x10 / x1000: collapses onto a fixed subset; x0.01: stays near uniform) - docs/design.md#bandit.
     assert float((scaled_raw - base_raw).abs().max()) > 0.05

@@ -1,4 +1,4 @@
-"""The small interface every method implements on the shared two-pass step (DESIGN.md sections 3-4).
+"""The small interface every method implements on the shared two-pass step (docs/design.md#step, #methods).
 
 The step itself lives in :mod:`lightning_slsam.mixin`. Per step, a method decides:
 
