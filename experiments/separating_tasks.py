@@ -208,14 +208,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def best_learning_rates(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each method's learning rate with the highest mean final accuracy over its seeds (ties: more seeds)."""
+def best_learning_rates(runs: list[dict[str, Any]], metric: str = "final") -> dict[str, Any]:
+    """Each method's learning rate with the highest mean ``metric`` (``"final"`` or ``"best"``) over its seeds
+    (ties: more seeds)."""
     by: dict[tuple[str, Any], list[float]] = defaultdict(list)
     for r in runs:
-        by[(r["method"], r["lr"])].append(r["final"])
+        by[(r["method"], r["lr"])].append(r[metric])
     best: dict[str, tuple[float, int, Any]] = {}
-    for (method, lr), finals in by.items():
-        key = (statistics.fmean(finals), len(finals), lr)
+    for (method, lr), values in by.items():
+        key = (statistics.fmean(values), len(values), lr)
         if method not in best or key[:2] > best[method][:2]:
             best[method] = key
     return {m: v[2] for m, v in best.items()}
@@ -227,81 +228,114 @@ def _accuracy_at_time(curve: list[dict[str, float]], step_cost: float, budget: f
     return max(reached) if reached else None
 
 
+def _cell(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _gap(values: list[float], reference: list[float] | None) -> str:
+    return "-" if not reference else f"{statistics.fmean(values) - statistics.fmean(reference):+.1f}"
+
+
+def accuracy_table(runs: list[dict[str, Any]], metric: str, cost: dict[str, float] | None = None) -> list[str]:
+    """Markdown rows: each method at the learning rate that maximises ``metric``, mean ± std over seeds, its gap
+    to SAM and to base; with ``cost`` (step time in base steps), also the best accuracy reached within base's
+    whole run's time."""
+    chosen = best_learning_rates(runs, metric)
+    order = [m for m in METHODS if m in chosen]
+    values = {m: [100 * r[metric] for r in runs if r["method"] == m and r["lr"] == chosen[m]] for m in order}
+    base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)
+    timed = cost is not None and base_steps is not None
+    header = "| method | lr | seeds | accuracy (%) | − SAM | − base |" + (" within base's time (%) |" if timed else "")
+    lines = [header, "|---|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
+    for method in order:
+        row = (
+            f"| `{method}` | {chosen[method]:g} | {len(values[method])} | {_cell(values[method])} | "
+            f"{_gap(values[method], values.get('sam'))} | {_gap(values[method], values.get('base'))} |"
+        )
+        if timed:
+            assert cost is not None and base_steps is not None
+            at = [
+                _accuracy_at_time(r["curve"], cost[method], base_steps)
+                for r in runs
+                if r["method"] == method and r["lr"] == chosen[method] and method in cost
+            ]
+            reached = [100 * a for a in at if a is not None]
+            row += f" {_cell(reached)} |" if reached else " - |"
+        lines.append(row)
+    return lines
+
+
+def cost_table(cost: dict[str, float], memory: dict[str, float | None], methods: list[str]) -> list[str]:
+    """Markdown rows: step time in base and SAM steps, and peak memory against base, from the step benchmark."""
+    lines = ["| method | step time x base | step time x SAM | peak memory x base |", "|---|---:|---:|---:|"]
+    for method in methods:
+        if method not in cost:
+            continue
+        sam = f"{cost[method] / cost['sam']:.2f}" if cost.get("sam") else "-"
+        mem = f"{memory[method]:.2f}" if memory.get(method) else "-"
+        lines.append(f"| `{method}` | {cost[method]:.2f} | {sam} | {mem} |")
+    return lines
+
+
 def report(args: argparse.Namespace) -> int:
     summary = json.loads(Path(args.summary).read_text())
     runs, task = summary["runs"], summary["task"]
     bench = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
     cost = {BENCH_NAMES.get(m, m): row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
     memory = {BENCH_NAMES.get(m, m): row.get("memory_vs_base") for m, row in bench.items()}
-    chosen = best_learning_rates(runs)
-    order = [m for m in METHODS if m in chosen]
-    base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)
+    order = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    tried = "; ".join(
+        f"`{m}` " + ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in runs if r["method"] == m})) for m in order
+    )
     lines = [
-        f"#### `{task}`: each method at its best learning rate (mean ± std over seeds)",
+        "Best-epoch validation accuracy (checkpoint selection), each method at the learning rate that maximises it "
+        "(mean ± std over seeds); the last column is the best accuracy reached within the time of base's whole run, "
+        "with each method's step time from the step benchmark:",
         "",
-        "| method | lr | seeds | best-epoch acc (%) | final acc (%) | final − SAM | step time x SAM | memory x base |"
-        + (" acc at base's time (%) |" if base_steps else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if base_steps else ""),
-    ]
-    sam_final = None
-    stats: dict[str, dict[str, Any]] = {}
-    for method in order:
-        mine = [r for r in runs if r["method"] == method and r["lr"] == chosen[method]]
-        best_m, best_s = _mean_std([100 * r["best"] for r in mine])
-        final_m, final_s = _mean_std([100 * r["final"] for r in mine])
-        stats[method] = {"final": final_m, "runs": mine}
-        if method == "sam":
-            sam_final = final_m
-    for method in order:
-        mine = stats[method]["runs"]
-        best_m, best_s = _mean_std([100 * r["best"] for r in mine])
-        final_m, final_s = _mean_std([100 * r["final"] for r in mine])
-        gap = "-" if sam_final is None else f"{final_m - sam_final:+.1f}"
-        bench_name = method if method in cost else None
-        ratio = (
-            f"{cost[bench_name] / cost['sam']:.2f}"
-            if bench_name and cost.get("sam") and cost.get(bench_name) is not None
-            else "-"
-        )
-        mem = f"{memory[bench_name]:.2f}" if bench_name and memory.get(bench_name) else "-"
-        row = (
-            f"| `{method}` | {chosen[method]:g} | {len(mine)} | {best_m:.1f} ± {best_s:.1f} | "
-            f"{final_m:.1f} ± {final_s:.1f} | {gap} | {ratio} | {mem} |"
-        )
-        if base_steps:
-            if bench_name and cost.get(bench_name):
-                at = [_accuracy_at_time(r["curve"], cost[bench_name], base_steps) for r in mine]
-                at = [100 * a for a in at if a is not None]
-                row += (
-                    f" {statistics.fmean(at):.1f} ± {statistics.stdev(at) if len(at) > 1 else 0:.1f} |"
-                    if at
-                    else " - |"
-                )
-            else:
-                row += " - |"
-        lines.append(row)
-    lines += [
+        *accuracy_table(runs, "best", cost if cost else None),
         "",
-        "Learning rates tried per method: "
-        + "; ".join(
-            f"`{m}` " + ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in runs if r["method"] == m}))
-            for m in order
-        )
-        + ".",
+        "Last-epoch validation accuracy, each method at the learning rate that maximises it:",
+        "",
+        *accuracy_table(runs, "final"),
+        "",
+        f"Learning rates tried: {tried}.",
     ]
+    if cost:
+        lines += ["", "Cost (step benchmark, same model and batch):", "", *cost_table(cost, memory, order)]
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)
+    chosen = best_learning_rates(runs, "best")
+    stats = {m: {"runs": [r for r in runs if r["method"] == m and r["lr"] == chosen[m]]} for m in order}
     figure = _plot_accuracy_vs_time(task, order, stats, cost, assets / f"{task}_accuracy_vs_time.png")
     heatmaps = _plot_heatmaps(task, runs, chosen, assets)
+    prefix = args.image_prefix
     text = "\n".join(lines) + "\n"
     if figure:
-        text += f"\n![accuracy against time, {task}]({figure.name})\n"
+        text += f"\n![accuracy against time, {task}]({prefix}{figure.name})\n"
     for path in heatmaps:
-        text += f"\n![sampling probabilities, {path.stem}]({path.name})\n"
+        text += f"\n![sampling probabilities, {path.stem}]({prefix}{path.name})\n"
+    if args.page:
+        _write_into_page(Path(args.page), task, text)
     out = Path(args.out) if args.out else Path(args.summary).with_suffix(".md")
     out.write_text(text)
     print(text)
     return 0
+
+
+def _write_into_page(page: Path, task: str, text: str) -> None:
+    """Replace the block between ``<!-- separating: TASK -->`` and ``<!-- end separating: TASK -->`` of ``page``."""
+    import re
+
+    pattern = re.compile(
+        rf"(<!-- separating: {re.escape(task)} -->\n).*?(<!-- end separating: {re.escape(task)} -->)", re.S
+    )
+    content = page.read_text()
+    if len(pattern.findall(content)) != 1:
+        raise SystemExit(
+            f"{page}: needs exactly one block '<!-- separating: {task} -->' ... '<!-- end separating: {task} -->'"
+        )
+    page.write_text(pattern.sub(lambda m: m.group(1) + "\n" + text + "\n" + m.group(2), content))
 
 
 MARKERS = "osD^vP*Xhp<>"
@@ -402,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--bench", default=None, help="the step benchmark's JSON (step-time and memory ratios)")
     p_rep.add_argument("--assets", default="docs/assets/results/separating")
     p_rep.add_argument("--out", default=None, help="markdown output (default: the summary's path with .md)")
+    p_rep.add_argument("--page", default=None, help="also write the markdown into this page's separating block")
+    p_rep.add_argument(
+        "--image-prefix", default="", help="prefix of the figure links (e.g. assets/results/separating/)"
+    )
     args = parser.parse_args(argv)
     if args.command == "run" and args.jobs < 1:
         parser.error("--jobs must be >= 1")
