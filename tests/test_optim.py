@@ -105,7 +105,19 @@ def assert_models_bitwise(actual: nn.Module, expected: nn.Module) -> None:
 
 
 # --- plain loop == Trainer.fit --------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "kwargs"), METHODS, ids=[name for name, _ in METHODS])
+# callback options the plain API honours too: clipping, BatchNorm statistics in both passes, other arms, no replay
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("SAM", {"rho": 0.1, "clip_grad_norm": 0.05, "clip_grad_value": 0.01}),
+    ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "arms": "module", "bn_running_stats": "both"}),
+    ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "arms": "block", "reuse_prefix": False}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    METHODS + OPTIONS,
+    ids=[name for name, _ in METHODS] + ["SAM-clip", "SLSAM-module-bn-both", "SLSAM-block-no-reuse"],
+)
 def test_plain_loop_equals_trainer_fit(name: str, kwargs: dict[str, Any]) -> None:
     module = TinyNet(batch_norm=True)
     callback = getattr(lightning_slsam, name)(**kwargs)
