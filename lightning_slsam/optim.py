@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lightning_slsam import attention_inputs
 from lightning_slsam import callback as callbacks
 from lightning_slsam.arms import ArmLayout, build_arms
-from lightning_slsam.distributed import all_reduce_mean, assert_same_arms
+from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
 from lightning_slsam.methods.interface import Method
 from lightning_slsam.prefix_reuse import PrefixReuse
 from lightning_slsam.skipped_steps import SkippedSteps
@@ -61,7 +61,9 @@ class SharpnessAwareOptimizer:
     """A sharpness-aware step around a base optimizer; subclasses name the method (``callback_class``).
 
     Args:
-        model: the ``nn.Module`` being trained (a Fabric- or DDP-wrapped module is unwrapped for its arms).
+        model: the ``nn.Module`` being trained (a Fabric- or DDP-wrapped module is unwrapped for its arms; a
+            ``DistributedDataParallel`` wrapper's own gradient sync is turned off, the step averages the
+            gradients that reach the optimizer and the per-arm norms over ranks itself).
         base_optimizer: the optimizer over the model's parameters that takes the update (SGD, AdamW, ...; a
             Fabric-wrapped one works).
         backward: called with the loss of each pass to differentiate it (default ``loss.backward()``; pass
@@ -106,7 +108,9 @@ class SharpnessAwareOptimizer:
                 raise ValueError(f"{key}: does not apply to {name} (a plain-PyTorch optimizer): {instead}")
         #: the callback of the same name: validated arguments and the method builder (never added to a Trainer)
         self.config = self.callback_class(**method_args)
-        self.model = _unwrap(model)
+        #: the wrappers around the model (Fabric, DistributedDataParallel), outermost first
+        self._wrappers = _wrappers(model)
+        self.model = self._wrappers.pop() if self._wrappers else model
         self.base_optimizer = base_optimizer
         self.backward = backward
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -146,6 +150,8 @@ class SharpnessAwareOptimizer:
                 f"closure: {type(self).__name__}.step needs a function that returns the loss (without calling "
                 f"backward), got {closure!r}"
             )
+        for wrapper in self._wrappers:  # DDP: the step averages the gradients itself, as under the Trainer
+            disable_ddp_sync(wrapper)
         check_ranks = assert_same_arms if self.config.check_ranks else None
         bn = self._batch_norms if self.config.bn_running_stats == "pass1" else []
         result = run_step(
@@ -262,11 +268,16 @@ class SharpnessAwareOptimizer:
             torch.nn.utils.clip_grad_norm_(grads, norm)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` or Lightning Fabric wrapper (their parameters are the same)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_forward_module"):
-        model = model.module
-    return model
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """``model``, the modules inside its ``DistributedDataParallel`` / Lightning Fabric wrappers, and the bare
+    module last (whose parameters they share); an empty list when ``model`` is not wrapped."""
+    chain = [model]
+    while isinstance(chain[-1], nn.parallel.DistributedDataParallel) or hasattr(chain[-1], "_forward_module"):
+        wrapper = chain[-1]
+        # Fabric keeps the DDP wrapper as _forward_module and the bare module as .module
+        inner = getattr(wrapper, "_forward_module", None)
+        chain.append(inner if inner is not None and inner is not wrapper else wrapper.module)
+    return chain if len(chain) > 1 else []
 
 
 class Plain(SharpnessAwareOptimizer):

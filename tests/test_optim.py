@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -264,3 +268,33 @@ def test_bad_closure_names_the_closure() -> None:
         assert p.requires_grad
     with pytest.raises(ValueError, match=r"^epoch:"):
         opt.start_epoch(-1)
+
+
+# --- DistributedDataParallel (2 CPU processes, gloo) ----------------------------------------------------------
+DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_optim.py"
+
+
+def run_ddp_script(out: Path, steps: int) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    # the package of this checkout, also where another one is installed (editable install, worktrees)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    args = [sys.executable, str(DDP_SCRIPT), str(out), str(steps)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_ddp_replicas_agree_and_gradients_are_averaged(tmp_path: Path) -> None:
+    """SL-SAM on a DDP-wrapped model: the ranks sample the same arms (seed broadcast, checked every step) and
+    stay bitwise equal; the base optimizer on two half batches takes the steps of one process on the whole."""
+    rank0, rank1 = run_ddp_script(tmp_path, steps=6)
+    assert rank0["world_size"] == 2
+    for name, value in rank0["slsam"]["params"].items():
+        assert torch.equal(value, rank1["slsam"]["params"][name]), name
+    probs = rank0["slsam"]["probs"]
+    assert torch.equal(probs, rank1["slsam"]["probs"])
+    assert not torch.allclose(probs, torch.full_like(probs, 0.4))  # the bandit learned
+    for name, value in rank0["single"]["params"].items():
+        torch.testing.assert_close(rank0["plain"]["params"][name], value, rtol=1e-5, atol=1e-6)
