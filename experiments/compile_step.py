@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_slsam.mixin
+import lightning_slsam.step_engine
 from lightning_slsam import SAM, SLSAM, Plain, SharpnessAwareMixin
 
 WAYS = ("eager", "whole", "regional")
@@ -102,17 +102,17 @@ class StepTimer(L.Callback):
 
 
 class KeepRequiresGrad:
-    """``--no-toggle``: the mixin's ``_set_requires_grad`` replaced by one that leaves every parameter on."""
+    """``--no-toggle``: the step engine's ``set_requires_grad`` replaced by one that leaves every parameter on."""
 
     def __init__(self) -> None:
-        self.original = lightning_slsam.mixin._set_requires_grad
+        self.original = lightning_slsam.step_engine.set_requires_grad
 
     def __enter__(self) -> KeepRequiresGrad:
-        lightning_slsam.mixin._set_requires_grad = lambda layout, active: self.original(layout, None)
+        lightning_slsam.step_engine.set_requires_grad = lambda layout, active: self.original(layout, None)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        lightning_slsam.mixin._set_requires_grad = self.original
+        lightning_slsam.step_engine.set_requires_grad = self.original
 
 
 class ActiveInputsSLSAM(SLSAM):

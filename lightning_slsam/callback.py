@@ -26,7 +26,6 @@ from lightning_slsam.methods.rst import RSTMethod
 from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
 from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
-from lightning_slsam.mixin import SharpnessAwareMixin
 from lightning_slsam.prefix_reuse import PrefixReuse
 from lightning_slsam.samplers import (
     ArmSampler,
@@ -37,6 +36,7 @@ from lightning_slsam.samplers import (
     _check_sparsity,
 )
 from lightning_slsam.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS, SkippedSteps, check_max_skipped_steps
+from lightning_slsam.step_engine import batch_norms, frozen_running_stats
 
 BN_RUNNING_STATS = ("pass1", "both")
 STATE_KEY_PREFIX = "SharpnessAware["
@@ -149,6 +149,17 @@ class SharpnessAware(pl.Callback):
         """The method this callback runs, for the model's arms."""
         raise NotImplementedError
 
+    def method_for(self, module: nn.Module, layout: ArmLayout) -> Method:
+        """The method of this callback's arguments for ``module`` and its arms, set up (``Method.setup``).
+
+        Shared by the Lightning hooks (``on_fit_start``) and the plain-PyTorch optimizers of
+        :mod:`lightning_slsam.optim`, so that both build the same method from the same validated arguments.
+        """
+        self._module = module  # build_method may read the module's structure (SLSAM's always_active)
+        method = self.build_method(layout)
+        method.setup(layout)
+        return method
+
     def check_model(self, module: nn.Module) -> None:
         """Raise a ValueError naming the argument if this callback's arguments do not fit ``module``.
 
@@ -178,7 +189,9 @@ class SharpnessAware(pl.Callback):
     # --- Lightning hooks -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(self).__name__
-        if not isinstance(pl_module, SharpnessAwareMixin):
+        # the mixin marks itself (mixin.py imports this module, so this module does not import the mixin)
+        mixin = next((c for c in type(pl_module).__mro__ if c.__dict__.get("_sharpness_aware_mixin")), None)
+        if mixin is None:
             raise TypeError(
                 f"{name}: the LightningModule {type(pl_module).__name__} must inherit SharpnessAwareMixin, "
                 f"e.g. class {type(pl_module).__name__}(SharpnessAwareMixin, L.LightningModule)"
@@ -189,7 +202,7 @@ class SharpnessAware(pl.Callback):
                 f"{name}: a Trainer takes one sharpness-aware callback, got {name} and {', '.join(others)}"
             )
         # the loss comes from the module's training_step or compute_loss; refuse what would not train two-pass
-        module_conversion.check_module(pl_module, SharpnessAwareMixin, name)
+        module_conversion.check_module(pl_module, mixin, name)
         check_strategy(trainer.strategy, name)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -199,9 +212,8 @@ class SharpnessAware(pl.Callback):
                 f"optimizer), got {len(trainer.optimizers)}"
             )
         self.layout = build_arms(pl_module, self.arms)
-        self.method = self.build_method(self.layout)
-        self.method.setup(self.layout)
-        self._batch_norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.method = self.method_for(pl_module, self.layout)
+        self._batch_norms = batch_norms(pl_module)
         self._remove_hooks()
         self._attention_hooks = attention_inputs.install(pl_module)
         if self.reuse_prefix and self.method.sparse_pass_one:
@@ -287,16 +299,8 @@ class SharpnessAware(pl.Callback):
     @contextmanager
     def second_pass_context(self) -> Iterator[None]:
         """During pass 2: BatchNorm layers normalise with batch statistics but do not update running ones."""
-        frozen = []
-        if self.bn_running_stats == "pass1":
-            frozen = [m for m in self._batch_norms if m.training and m.track_running_stats]
-        for m in frozen:
-            m.track_running_stats = False
-        try:
+        with frozen_running_stats(self._batch_norms if self.bn_running_stats == "pass1" else []):
             yield
-        finally:
-            for m in frozen:
-                m.track_running_stats = True
 
     def record_step(
         self,
@@ -735,10 +739,6 @@ class SLSAM(SharpnessAware):
                     f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left "
                     "to sample (use SAM)"
                 )
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._module = pl_module  # build_method reads the module's structure for always_active
-        super().on_fit_start(trainer, pl_module)
 
     def build_method(self, layout: ArmLayout) -> Method:
         seed = broadcast_seed(self.seed)  # every rank samples the same arms

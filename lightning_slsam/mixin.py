@@ -9,25 +9,20 @@ without one it trains as the base optimizer, one pass per step.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerStatus
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_slsam import module_conversion, pass_context, perturbation
-from lightning_slsam.arms import ArmLayout
+from lightning_slsam import module_conversion, pass_context, step_engine
+from lightning_slsam.callback import Plain, SharpnessAware, find_sharpness_callback
 from lightning_slsam.distributed import all_reduce_mean
 from lightning_slsam.lr_schedules import split_monitors, step_schedulers
-from lightning_slsam.methods.interface import Method, PassOne
 from lightning_slsam.skipped_steps import SkippedSteps, all_finite
-
-if TYPE_CHECKING:
-    from lightning_slsam.callback import SharpnessAware
 
 
 class SharpnessAwareMixin:
@@ -47,6 +42,9 @@ class SharpnessAwareMixin:
         ...         x, y = batch
         ...         return F.cross_entropy(self.model(x), y)
     """
+
+    #: marks the mixin among a module's bases, so that the callback recognises it without importing this module
+    _sharpness_aware_mixin: ClassVar[bool] = True
 
     sam_pass: int = pass_context.OUTSIDE
     """Which pass of the step is running: 0 outside the step, 1 at the weights ``w``, 2 at ``w + e``, 3 an extra
@@ -72,8 +70,6 @@ class SharpnessAwareMixin:
         return self._with_plain_fallback(module_conversion.inherited_callbacks(self, SharpnessAwareMixin))
 
     def _with_plain_fallback(self, callbacks: list[Any]) -> list[Any]:
-        from lightning_slsam.callback import Plain, find_sharpness_callback
-
         trainer = getattr(self, "_trainer", None)
         return [*callbacks, Plain()] if trainer is not None and find_sharpness_callback(trainer) is None else callbacks
 
@@ -107,7 +103,13 @@ class SharpnessAwareMixin:
     # --- the step --------------------------------------------------------------------------------------
     @module_conversion.step_entry
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """One micro-batch; every ``accumulate``-th call runs the method's step (docs/design.md#step)."""
+        """One micro-batch; every ``accumulate``-th call runs the method's step (docs/design.md#step).
+
+        The step itself is :func:`lightning_slsam.step_engine.run_step`; this adapter hands it Lightning's
+        ``manual_backward`` (through the module's loss), the optimizer step through ``LightningOptimizer`` (its
+        precision plugin, GradScaler and ``on_before_optimizer_step`` clipping), the LR schedulers, and logs
+        what happened through the callback.
+        """
         if pass_context.current(self) != pass_context.OUTSIDE:  # called inside a pass: the loss of the batch
             return module_conversion.run_after(SharpnessAwareMixin, self, batch, batch_idx)
         pass_context.start_step(self, batch_idx)
@@ -123,66 +125,30 @@ class SharpnessAwareMixin:
         assert method is not None and layout is not None, "the SharpnessAware callback was not set up"
         optimizer = module.optimizers()
         scaler = _grad_scaler(module)
-
-        # optimizer.zero_grad clears only the optimizer's parameters; a trainable parameter outside it must not
-        # carry a stale gradient into this step's norms
-        for p in layout.params:
-            p.grad = None
-        method.begin_step()  # issue 15: a skipped step puts the method back as it is now (discard_step)
-        active1 = method.pass1_arms()
-        callback.check_arms(active1)
-        _set_requires_grad(layout, active1)
-        reuse = callback.prefix_reuse if not bool(active1.all()) else None
-        try:
-            with (
-                reuse.record(reuse.owners_of(layout.params_of(active1)))
-                if reuse is not None
-                else contextlib.nullcontext()
-            ):
-                loss = self._forward_backward(group)
-            first = _measure_pass_one(layout, active1, scaler if method.measures_norms else False)
-            # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
-            finite = bool(first.finite) if method.measures_norms else True
-            finite_pass1 = finite
-            active2 = method.pass2_arms(first) if finite else None
-            loss2 = None
-            if active2 is not None:
-                loss2 = self._second_pass(group, method, layout, first, active1, active2, callback)
-            elif finite:
-                method.single_pass_gradient(first)
-        finally:
-            _set_requires_grad(layout, None)
-            if reuse is not None:
-                reuse.clear()
-
-        all_reduce_mean([p.grad for p in layout.params if p.grad is not None])
-        # --- issue 15: skip a step whose gradients are not finite, in any pass ---
-        # One fused check (and one host read) of the gradients that reach the optimizer, after the method
-        # combined them and DDP averaged them (so every rank decides alike). A non-finite pass 1 is known already.
-        if finite:
-            finite = bool(all_finite(_optimizer_grads(optimizer)))
         global_step = int(module.trainer.global_step)
-        # After a non-finite step a GradScaler still gets its step: it finds the inf, skips the update and
-        # backs off its scale, as in plain training. Without a scaler the optimizer is not stepped at all.
-        if finite or scaler is not None:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_schedulers(module.trainer, "step")
-        if finite:
-            method.after_step(first)
-        else:
-            method.discard_step()  # the method learns nothing from a skipped step
-        where = "pass 2 (at w + e)" if finite_pass1 and loss2 is not None else "pass 1 (at w)"
-        callback.record_step(module, loss, loss2, first, active1, active2)
-        callback.record_skip(module, not finite, global_step, where, scaler is not None)
-        return loss
+        result = step_engine.run_step(
+            layout,
+            method,
+            functools.partial(self._forward_backward, group),
+            optimizer,
+            optimizer.step,
+            scaler=scaler,
+            after_optimizer_step=functools.partial(step_schedulers, module.trainer, "step"),
+            all_reduce=all_reduce_mean,
+            check_arms=callback.check_arms,
+            prefix_reuse=callback.prefix_reuse,
+            second_pass_context=callback.second_pass_context,
+        )
+        callback.record_step(module, result.loss, result.loss_perturbed, result.first, result.active1, result.active2)
+        callback.record_skip(module, result.skipped, global_step, result.where, scaler is not None)
+        return result.loss
 
     def _plain_step(self, batch: Any) -> Tensor:
         module: Any = self
         optimizer = module.optimizers()
         loss = self._forward_backward([batch])
-        # issue 15: a non-finite gradient skips the step here too (see training_step)
-        finite = bool(all_finite(_optimizer_grads(optimizer)))
+        # issue 15: a non-finite gradient skips the step here too (see step_engine.run_step)
+        finite = bool(all_finite(step_engine.optimizer_grads(optimizer)))
         scaler = _grad_scaler(module)
         global_step = int(module.trainer.global_step)
         if finite or scaler is not None:
@@ -191,7 +157,7 @@ class SharpnessAwareMixin:
         step_schedulers(module.trainer, "step")
         pass_context.log_unless_user_logged(module, "train/loss", loss, prog_bar=True)
         skipped = module.__dict__.setdefault("_skipped_steps", SkippedSteps(owner=type(module).__name__))
-        skipped.record(not finite, global_step, "pass 1 (at w)", scaler is not None)
+        skipped.record(not finite, global_step, step_engine.PASS_ONE, scaler is not None)
         pass_context.log_unless_user_logged(module, "train/skipped_steps", float(skipped.total))
         return loss
 
@@ -211,44 +177,7 @@ class SharpnessAwareMixin:
         assert total is not None
         return total / len(group) if len(group) > 1 else total
 
-    def _second_pass(
-        self,
-        group: list[Any],
-        method: Method,
-        layout: ArmLayout,
-        first: PassOne,
-        active1: Tensor,
-        active2: Tensor,
-        callback: SharpnessAware,
-    ) -> Tensor:
-        """Ascend on ``active2``, differentiate at w + e, restore w bitwise, combine the gradients."""
-        on_both = active2 & active1
-        params = [p for p in layout.params_of(on_both) if p.grad is not None]
-        grads = [p.grad for p in params]
-        first_grads = [g.clone() for g in grads] if method.keeps_first_gradient else None
-        saved = perturbation.save(params)
-        with torch.no_grad():
-            raw_norm = first.norm_over(on_both, local=True) * first.grad_scale
-            ascent = method.perturbation(params, grads, raw_norm)
-            perturbation.apply(params, ascent)
-        del ascent, grads
-        for p in params:
-            p.grad = None
-        try:
-            if not torch.equal(active2, active1):
-                _set_requires_grad(layout, active2)
-            # the calls below the lowest active module of pass 1 give the same outputs at w + e: replay them
-            reuse = callback.prefix_reuse if not bool((active2 & ~active1).any()) else None
-            with callback.second_pass_context(), reuse.replay() if reuse is not None else contextlib.nullcontext():
-                loss2 = self._forward_backward(group, pass_context.PERTURBED)
-        finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in compute_loss)
-            perturbation.restore(params, saved)
-        method.combine(params, first_grads, first)
-        return loss2
-
     def _sharpness_callback(self) -> SharpnessAware | None:
-        from lightning_slsam.callback import find_sharpness_callback
-
         trainer = getattr(self, "_trainer", None)
         return None if trainer is None else find_sharpness_callback(trainer)
 
@@ -288,52 +217,7 @@ def _refuse_automatic_only_flags(trainer: Any) -> None:
 
 
 # --- step helpers (module-private) -----------------------------------------------------------------------
-def _set_requires_grad(layout: ArmLayout, active: Tensor | None) -> None:
-    """``requires_grad`` on the parameters of the active arms only (all arms when ``active`` is None)."""
-    if active is None:
-        for p in layout.params:
-            p.requires_grad_(True)
-        return
-    for arm, on in zip(layout.arms, active.tolist(), strict=True):
-        for p in arm.params:
-            p.requires_grad_(on)
-
-
-def _optimizer_grads(optimizer: Any) -> list[Tensor]:
-    """The gradients the optimizer is about to see (its parameters' ``grad``, where not None)."""
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-
-
 def _grad_scaler(module: Any) -> torch.amp.GradScaler | None:
     plugin = getattr(module.trainer, "precision_plugin", None)
     scaler = getattr(plugin, "scaler", None)
     return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
-
-
-def _measure_pass_one(layout: ArmLayout, active: Tensor, scaler: torch.amp.GradScaler | bool | None) -> PassOne:
-    """Per-arm L2 norms of the pass-1 gradients, unscaled; one foreach kernel, no host sync.
-
-    ``scaler=False`` skips the norms (methods that never look at them, such as ``base``): zeros, finite.
-    """
-    params: list[nn.Parameter] = []
-    arms: list[int] = []
-    for index, (arm, on) in enumerate(zip(layout.arms, active.tolist(), strict=True)):
-        if on:
-            for p in arm.params:
-                if p.grad is not None:
-                    params.append(p)
-                    arms.append(index)
-    device = params[0].device if params else layout.params[0].device
-    arm_of_param = torch.tensor(arms, dtype=torch.long).to(device, non_blocking=True)
-    if scaler is False:
-        zeros = torch.zeros(len(layout), device=device)
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        return PassOne(active, params, arm_of_param, zeros, zeros.new_ones(()), finite, zeros)
-    tensor_norms = perturbation.tensor_norms([p.grad for p in params]).to(device)
-    raw = perturbation.arm_norms(tensor_norms, arm_of_param, len(layout))
-    scale = scaler._scale if scaler is not None and scaler._scale is not None else None
-    grad_scale = scale.to(device=device, dtype=torch.float32) if scale is not None else raw.new_ones(())
-    local = raw / grad_scale
-    shared = local.clone()
-    all_reduce_mean([shared])  # rank-mean (N floats): every rank decides and learns from the same norms
-    return PassOne(active, params, arm_of_param, shared, grad_scale, torch.isfinite(shared).all(), local)

@@ -11,11 +11,12 @@ stops with a :class:`NonFiniteTrainingError` instead of burning compute on a run
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+import torch.distributed as dist
 from torch import Tensor
 
 #: default of ``max_skipped_steps``: skipped steps in a row before training stops
@@ -91,11 +92,10 @@ class SkippedSteps:
         self.total += 1
         self.consecutive += 1
         how = "the GradScaler skipped the update and backs off its scale" if scaler else "the optimizer was not stepped"
-        rank_zero_warn(
+        _warn_on_rank_zero(
             f"{self.owner}: skipped global step {global_step}: non-finite gradients (NaN or inf) in {where}; {how}, "
             f"weights, optimizer and method state are unchanged ({self.consecutive} skipped in a row, "
             f"{self.total} in all)",
-            category=RuntimeWarning,
         )
         if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
             raise NonFiniteTrainingError(
@@ -111,3 +111,11 @@ class SkippedSteps:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = int(state.get("total", 0))
         self.consecutive = int(state.get("consecutive", 0))
+
+
+def _warn_on_rank_zero(message: str) -> None:
+    """A ``RuntimeWarning``, from rank 0 only under ``torch.distributed`` (no Lightning import: the step engine
+    uses this module)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -7,6 +7,7 @@ the seed broadcast, and it runs with ``check_ranks=True`` (an all-reduce of the 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,15 @@ pytestmark = pytest.mark.slow
 def _run(out: Path, strategy: str, method: str, steps: int, shuffle: bool, batch_size: int) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     args = [str(out), strategy, method, str(steps), "1" if shuffle else "0", str(batch_size)]
+    # the package of this checkout, also where another one is installed (editable install, worktrees)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": path},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     ranks = 1 if strategy == "single" else 2

@@ -37,6 +37,8 @@ DOCUMENTED_MODULES = {
     "lightning_slsam.cli": ["ConfigError", "train", "instantiate_group", "error_line", "main"],
     "lightning_slsam.optional_dependencies": ["OPTIONAL_MODULES", "import_optional", "install_hint"],
     "lightning_slsam.report": None,  # None: the module's __all__
+    "lightning_slsam.optim": None,
+    "lightning_slsam.step_engine": ["run_step", "StepResult", "measure_pass_one"],
     "lightning_slsam.sweep_summary": [
         "write_summary",
         "build_summary",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_slsam.mixin as mixin
+import lightning_slsam.step_engine as step_engine
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.py"
@@ -114,13 +114,13 @@ def test_bandit_check_catches_scaled_norms(gpu_check, monkeypatch: pytest.Monkey
     honest = gpu_check.run_fit("slsam_fast_bandit", "16-mixed", "cpu", setup, batches)
     assert gpu_check.judge_bandit(gpu_check.compare_bandit(honest, reference))[0] == "pass"
 
-    measure = mixin._measure_pass_one
+    measure = step_engine.measure_pass_one
 
     def scaled_norms(*args, **kwargs):
         first = measure(*args, **kwargs)
         return dataclasses.replace(first, arm_norms=first.arm_norms * first.grad_scale)
 
-    monkeypatch.setattr(mixin, "_measure_pass_one", scaled_norms)
+    monkeypatch.setattr(step_engine, "measure_pass_one", scaled_norms)
     broken = gpu_check.run_fit("slsam_fast_bandit", "16-mixed", "cpu", setup, batches)
     metrics = gpu_check.compare_bandit(broken, reference)
     status, why = gpu_check.judge_bandit(metrics)

@@ -1,6 +1,7 @@
 """The small interface every method implements on the shared two-pass step (docs/design.md#step, #methods).
 
-The step itself lives in :mod:`lightning_slsam.mixin`. Per step, a method decides:
+The step itself lives in :mod:`lightning_slsam.step_engine` (run by the mixin and by :mod:`lightning_slsam.optim`).
+Per step, a method decides:
 
 0. ``on_train_epoch_start(trainer, module)``: once per epoch (SSAM's mask refresh);
 1. ``pass1_arms()``: which arms take part in pass 1 (at w);

@@ -1,0 +1,345 @@
+"""The methods as plain-PyTorch optimizers, for your own loop or Lightning Fabric (docs/guide/plain-pytorch.md).
+
+Each class carries the name of its callback (``lightning_slsam.optim.SLSAM`` runs what the ``lightning_slsam.SLSAM``
+callback runs) and wraps a base optimizer the way the SAM implementations people know do::
+
+    opt = lightning_slsam.optim.SLSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, seed=0)
+    for x, y in loader:
+        loss = opt.step(lambda: F.cross_entropy(model(x), y))  # the closure returns the loss, no backward
+        opt.zero_grad()
+
+The step is the same :func:`lightning_slsam.step_engine.run_step` the Lightning mixin runs, so a plain loop and
+``Trainer.fit`` with the callback on the same data end with bitwise-equal weights (tests/test_optim.py). The
+method arguments are validated by the callback's own constructor and the method is built by its
+``method_for``: the two APIs cannot drift apart.
+
+Not here: SSAM-F (its Fisher score draws batches from the Trainer's dataloader; use the callback).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_slsam import attention_inputs
+from lightning_slsam import callback as callbacks
+from lightning_slsam.arms import ArmLayout, build_arms
+from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
+from lightning_slsam.methods.interface import Method
+from lightning_slsam.prefix_reuse import PrefixReuse
+from lightning_slsam.skipped_steps import SkippedSteps
+from lightning_slsam.step_engine import StepResult, batch_norms, frozen_running_stats, run_step
+
+__all__ = [
+    "ARSAM",
+    "ASAM",
+    "RST",
+    "SAM",
+    "SLSAM",
+    "SSAMD",
+    "LayerwiseGNP",
+    "LookSAM",
+    "Plain",
+    "SLSAMPlus",
+    "SharpnessAwareOptimizer",
+]
+
+#: callback arguments that have no meaning for a closure-driven step, and what to do instead
+_NOT_APPLICABLE = {
+    "accumulate": "the closure computes the step's whole loss; accumulate micro-batches inside it",
+    "history_every": "no probability history is kept; read opt.method.probabilities() when you need it",
+}
+
+
+class SharpnessAwareOptimizer:
+    """A sharpness-aware step around a base optimizer; subclasses name the method (``callback_class``).
+
+    Args:
+        model: the ``nn.Module`` being trained (a Fabric- or DDP-wrapped module is unwrapped for its arms; a
+            ``DistributedDataParallel`` wrapper's own gradient sync is turned off, the step averages the
+            gradients that reach the optimizer and the per-arm norms over ranks itself).
+        base_optimizer: the optimizer over the model's parameters that takes the update (SGD, AdamW, ...; a
+            Fabric-wrapped one works).
+        backward: called with the loss of each pass to differentiate it (default ``loss.backward()``; pass
+            ``fabric.backward`` under Lightning Fabric).
+        scaler: a ``torch.amp.GradScaler``: each loss is scaled before ``backward``, the per-arm norms the
+            method sees are unscaled, and the update goes through ``scaler.step`` and ``scaler.update``
+            (default None).
+        method_args: the arguments of the callback of the same name (``rho``, ``sparsity``, ``seed``, ``arms``,
+            ``bn_running_stats``, ``clip_grad_norm``, ``clip_grad_value``, ``reuse_prefix``,
+            ``max_skipped_steps``, ...), with the same defaults and checks; ``accumulate`` and ``history_every``
+            do not apply.
+
+    Raises:
+        ValueError: an argument is invalid; the message names it.
+    """
+
+    callback_class: ClassVar[type[callbacks.SharpnessAware]] = callbacks.SharpnessAware
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        backward: Callable[[Tensor], Any] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        **method_args: Any,
+    ) -> None:
+        name = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: {name} needs the nn.Module being trained, got {type(model).__name__}")
+        if not (hasattr(base_optimizer, "param_groups") and callable(getattr(base_optimizer, "step", None))):
+            raise ValueError(
+                f"base_optimizer: {name} needs an optimizer over the model's parameters (e.g. "
+                f"torch.optim.SGD(model.parameters(), lr=0.1)), got {type(base_optimizer).__name__}"
+            )
+        if backward is not None and not callable(backward):
+            raise ValueError(f"backward: must be a function of the loss (e.g. fabric.backward), got {backward!r}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(f"scaler: must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        for key, instead in _NOT_APPLICABLE.items():
+            if key in method_args:
+                raise ValueError(f"{key}: does not apply to {name} (a plain-PyTorch optimizer): {instead}")
+        #: the callback of the same name: validated arguments and the method builder (never added to a Trainer)
+        self.config = self.callback_class(**method_args)
+        #: the wrappers around the model (Fabric, DistributedDataParallel), outermost first
+        self._wrappers = _wrappers(model)
+        self.model = self._wrappers.pop() if self._wrappers else model
+        self.base_optimizer = base_optimizer
+        self.backward = backward
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        #: the model's arms (``arms`` argument)
+        self.layout: ArmLayout = build_arms(self.model, self.config.arms)
+        held = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in self.layout.params):
+            raise ValueError(f"base_optimizer: it holds none of the model's trainable parameters ({name})")
+        #: the method (``lightning_slsam.methods``), built by the callback exactly as under the Trainer
+        self.method: Method = self.config.method_for(self.model, self.layout)
+        self._batch_norms = batch_norms(self.model)
+        self._hooks = attention_inputs.install(self.model)
+        self.prefix_reuse: PrefixReuse | None = None
+        if self.config.reuse_prefix and self.method.sparse_pass_one:
+            self.prefix_reuse = PrefixReuse(self.model, replayable=self.config._replayable)
+        #: steps skipped for non-finite gradients (the ``max_skipped_steps`` limit applies)
+        self.skipped = SkippedSteps(self.config.skipped.max_consecutive, owner=name)
+        #: ``step`` calls so far (taken or skipped)
+        self.steps = 0
+        #: what the last step did (losses, arms of both passes, passes, skipped), None before the first
+        self.last_step: StepResult | None = None
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimizer's parameter groups (an LR scheduler may be built on the base optimizer)."""
+        return self.base_optimizer.param_groups
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Run one sharpness-aware step; returns the loss at the unperturbed weights (detached).
+
+        Args:
+            closure: computes the model's scalar loss on this step's batch and returns it, without calling
+                backward; it runs once per pass (twice on a two-pass step), at the weights of that pass.
+        """
+        if not callable(closure):
+            raise ValueError(
+                f"closure: {type(self).__name__}.step needs a function that returns the loss (without calling "
+                f"backward), got {closure!r}"
+            )
+        for wrapper in self._wrappers:  # DDP: the step averages the gradients itself, as under the Trainer
+            disable_ddp_sync(wrapper)
+        check_ranks = assert_same_arms if self.config.check_ranks else None
+        bn = self._batch_norms if self.config.bn_running_stats == "pass1" else []
+        result = run_step(
+            self.layout,
+            self.method,
+            functools.partial(self._forward_backward, closure),
+            self.base_optimizer,
+            self._step_optimizer,
+            scaler=self.scaler,
+            all_reduce=all_reduce_mean,
+            check_arms=check_ranks,
+            prefix_reuse=self.prefix_reuse,
+            second_pass_context=functools.partial(frozen_running_stats, bn),
+        )
+        self.last_step = result
+        step = self.steps
+        self.steps += 1
+        self.skipped.record(result.skipped, step, result.where, self.scaler is not None)
+        return result.loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the base optimizer's parameters and of every arm."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.layout.params:
+            p.grad = None
+
+    def start_epoch(self, epoch: int, total_epochs: int | None = None) -> None:
+        """Tell the method a new epoch begins (0-based ``epoch``; ``total_epochs`` the run's length, if known).
+
+        Call it at the start of every epoch for methods with epoch schedules: SSAM-D refreshes its mask and
+        decays its drop rate over ``total_epochs``; ARSAM counts ``warmup_epochs``. Others ignore it.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch: must be an int >= 0, got {epoch!r}")
+        if total_epochs is not None and (
+            isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1
+        ):
+            raise ValueError(f"total_epochs: must be an int >= 1 or None, got {total_epochs!r}")
+        # the two fields the methods read from a Trainer
+        clock = SimpleNamespace(
+            current_epoch=epoch, max_epochs=total_epochs, max_steps=-1, num_training_batches=math.inf
+        )
+        self.method.on_train_epoch_start(clock, self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and the method's (sampler, stored gradients, masks, coins), to resume exactly."""
+        return {
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "method": self.method.name,
+            "arms": self.layout.fingerprint(),
+            "method_state": self.method.state_dict(),
+            "skipped_steps": self.skipped.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; refuses another method's or another model's state."""
+        name = type(self).__name__
+        if state_dict.get("method") != self.method.name:
+            raise ValueError(
+                f"state_dict: written by method {state_dict.get('method')!r}, this {name} runs {self.method.name!r}"
+            )
+        if state_dict.get("arms") != self.layout.fingerprint():
+            raise ValueError(f"state_dict: its arms do not match this model's ({self.layout.mode!r} arms); {name}")
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.method.load_state_dict(state_dict["method_state"])
+        self.skipped.load_state_dict(state_dict.get("skipped_steps", {}))
+        self.steps = int(state_dict.get("steps", 0))
+
+    def close(self) -> None:
+        """Remove the hooks this optimizer put on the model (prefix replay, attention inputs)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.prefix_reuse is not None:
+            self.prefix_reuse.remove()
+            self.prefix_reuse = None
+
+    # --- what the engine calls -------------------------------------------------------------------------
+    def _forward_backward(self, closure: Callable[[], Tensor], sam_pass: int) -> Tensor:
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"closure: must return the scalar loss tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
+            )
+        if loss.requires_grad:  # False when no active parameter took part in the forward pass
+            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+            if self.backward is not None:
+                self.backward(scaled)
+            else:
+                scaled.backward()
+        return loss.detach()
+
+    def _step_optimizer(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.base_optimizer)  # clipping sees unscaled gradients
+        self._clip()
+        if self.scaler is not None:
+            self.scaler.step(self.base_optimizer)  # skips the update itself when it found an inf
+            self.scaler.update()
+        else:
+            self.base_optimizer.step()
+
+    def _clip(self) -> None:
+        value, norm = self.config.clip_grad_value, self.config.clip_grad_norm
+        if value is None and norm is None:
+            return
+        grads = [p for group in self.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if value is not None:
+            torch.nn.utils.clip_grad_value_(grads, value)
+        if norm is not None:
+            torch.nn.utils.clip_grad_norm_(grads, norm)
+
+
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """``model``, the modules inside its ``DistributedDataParallel`` / Lightning Fabric wrappers, and the bare
+    module last (whose parameters they share); an empty list when ``model`` is not wrapped."""
+    chain = [model]
+    while isinstance(chain[-1], nn.parallel.DistributedDataParallel) or hasattr(chain[-1], "_forward_module"):
+        wrapper = chain[-1]
+        # Fabric keeps the DDP wrapper as _forward_module and the bare module as .module
+        inner = getattr(wrapper, "_forward_module", None)
+        chain.append(inner if inner is not None and inner is not wrapper else wrapper.module)
+    return chain if len(chain) > 1 else []
+
+
+class Plain(SharpnessAwareOptimizer):
+    """The base optimizer, one pass per step (method ``base``); arguments as :class:`lightning_slsam.Plain`."""
+
+    callback_class = callbacks.Plain
+
+
+class SAM(SharpnessAwareOptimizer):
+    """SAM on every parameter (``rho``, ``adaptive``, ``eta``, ...): arguments as :class:`lightning_slsam.SAM`."""
+
+    callback_class = callbacks.SAM
+
+
+class ASAM(SharpnessAwareOptimizer):
+    """Adaptive SAM (``rho``, ``eta``, ...): arguments as :class:`lightning_slsam.ASAM`."""
+
+    callback_class = callbacks.ASAM
+
+
+class SSAMD(SharpnessAwareOptimizer):
+    """SSAM-D (``rho``, ``sparsity``, ``drop_rate``, ``seed``, ...): arguments as :class:`lightning_slsam.SSAMD`.
+
+    Call :meth:`start_epoch` at the start of every epoch: the mask is refreshed there.
+    """
+
+    callback_class = callbacks.SSAMD
+
+
+class LayerwiseGNP(SharpnessAwareOptimizer):
+    """Layer-wise GNP (``rho``, ``alpha``, ``layer_fraction``, ...): arguments as
+    :class:`lightning_slsam.LayerwiseGNP`."""
+
+    callback_class = callbacks.LayerwiseGNP
+
+
+class ARSAM(SharpnessAwareOptimizer):
+    """ARSAM (``rho``, ``threshold``, ``max_interval``, ...): arguments as :class:`lightning_slsam.ARSAM`."""
+
+    callback_class = callbacks.ARSAM
+
+
+class LookSAM(SharpnessAwareOptimizer):
+    """LookSAM (``rho``, ``k``, ``alpha``, ...): arguments as :class:`lightning_slsam.LookSAM`."""
+
+    callback_class = callbacks.LookSAM
+
+
+class RST(SharpnessAwareOptimizer):
+    """Randomized SAM (``rho``, ``p``, ``seed``, ...): arguments as :class:`lightning_slsam.RST`."""
+
+    callback_class = callbacks.RST
+
+
+class SLSAM(SharpnessAwareOptimizer):
+    """Sparse-Layer SAM (``rho``, ``sparsity``, ``bandit_lr``, ``seed``, ``arms``, ...): arguments as
+    :class:`lightning_slsam.SLSAM`."""
+
+    callback_class = callbacks.SLSAM
+
+
+class SLSAMPlus(SharpnessAwareOptimizer):
+    """SL-SAM with the levers against update starvation on: arguments as :class:`lightning_slsam.SLSAMPlus`."""
+
+    callback_class = callbacks.SLSAMPlus

@@ -1,0 +1,269 @@
+"""One whole sharpness-aware optimizer step, without Lightning (docs/design.md#step).
+
+:func:`run_step` runs the step every method shares, in this order:
+
+1. clear the arms' gradients, ``method.begin_step()``, ``method.pass1_arms()``; ``requires_grad`` on those arms;
+2. pass 1 at the weights ``w`` (``forward_backward(1)``), recording the calls below the lowest active module when
+   pass 1 leaves arms out (``prefix_reuse.py``);
+3. the per-arm gradient norms of pass 1, unscaled (:func:`measure_pass_one`); a non-finite pass 1 gets neither
+   an ascent nor a pass 2;
+4. ``method.pass2_arms(first)``: a two-pass step ascends to ``w + e`` on those arms, runs pass 2
+   (``forward_backward(2)``, replaying the prefix when pass 2 adds no arm below it), restores ``w`` bitwise in a
+   ``finally`` and lets the method ``combine`` the gradients; a one-pass step calls ``single_pass_gradient``;
+5. the gradients the optimizer sees are averaged over ranks (``all_reduce``) and checked for NaN/inf in one fused
+   kernel (``skipped_steps.all_finite``);
+6. ``step_optimizer()`` when they are finite, or when a GradScaler is there to find the inf itself; then
+   ``optimizer.zero_grad(set_to_none=True)`` and ``after_optimizer_step()`` (the adapters' LR schedulers);
+7. ``method.after_step(first)``, or ``method.discard_step()`` after a skipped step.
+
+The adapters supply what differs: :mod:`lightning_slsam.mixin` (Lightning's ``manual_backward``, the optimizer
+step through ``LightningOptimizer`` and its precision plugin, the callback's logging) and
+:mod:`lightning_slsam.optim` (a closure, ``loss.backward`` or ``fabric.backward``, a GradScaler). This module
+imports nothing from Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_slsam import perturbation
+from lightning_slsam.arms import ArmLayout
+from lightning_slsam.distributed import all_reduce_mean
+from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.prefix_reuse import PrefixReuse
+from lightning_slsam.skipped_steps import all_finite
+
+#: ``sam_pass`` numbers handed to ``forward_backward`` (the same as ``pass_context.AT_W`` / ``PERTURBED``)
+AT_W = 1
+PERTURBED = 2
+
+#: ``where`` of a step whose pass 1 (or a one-pass step) was not finite, and of a two-pass step's pass 2
+PASS_ONE = "pass 1 (at w)"
+PASS_TWO = "pass 2 (at w + e)"
+
+
+@dataclass
+class StepResult:
+    """What one step did.
+
+    Attributes:
+        loss: the loss at ``w`` (pass 1), detached.
+        loss_perturbed: the loss at ``w + e`` (pass 2), detached; None on a one-pass step.
+        first: what pass 1 measured (per-arm norms, AMP scale, finiteness).
+        active1: bool ``(N,)`` on the CPU, the arms with gradients in pass 1.
+        active2: the arms perturbed and differentiated in pass 2; None on a one-pass step.
+        skipped: whether the step was skipped for non-finite gradients (weights and method state unchanged).
+        where: which gradients decided a skip: ``"pass 1 (at w)"`` or ``"pass 2 (at w + e)"``.
+    """
+
+    loss: Tensor
+    loss_perturbed: Tensor | None
+    first: PassOne
+    active1: Tensor
+    active2: Tensor | None
+    skipped: bool
+    where: str
+
+    @property
+    def passes(self) -> int:
+        """Forward-backward passes this step ran: 1 or 2."""
+        return 1 if self.loss_perturbed is None else 2
+
+
+def run_step(
+    layout: ArmLayout,
+    method: Method,
+    forward_backward: Callable[[int], Tensor],
+    optimizer: Any,
+    step_optimizer: Callable[[], None],
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    after_optimizer_step: Callable[[], None] | None = None,
+    all_reduce: Callable[[Sequence[Tensor]], None] = all_reduce_mean,
+    check_arms: Callable[[Tensor], None] | None = None,
+    prefix_reuse: PrefixReuse | None = None,
+    second_pass_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> StepResult:
+    """Run one whole step of ``method`` on the arms ``layout`` (the order is in the module docstring).
+
+    Args:
+        layout: the model's arms (``arms.build_arms``); ``method.setup(layout)`` was called.
+        method: the method deciding the arms, the ascent and the gradient.
+        forward_backward: ``forward_backward(sam_pass)`` computes the loss of the step's batch at the current
+            weights, calls backward on it (scaled when a GradScaler is used; skipping backward when the loss
+            does not require a gradient) and returns it detached. ``sam_pass`` is 1 (at ``w``) or 2 (at ``w + e``).
+        optimizer: the base optimizer (anything with ``param_groups`` and ``zero_grad``).
+        step_optimizer: steps the optimizer once (with a GradScaler: unscale, clip, ``scaler.step``, ``update``).
+        scaler: the enabled GradScaler whose scale the gradients carry, or None.
+        after_optimizer_step: called after the optimizer step and ``zero_grad`` (the adapter's LR schedulers).
+        all_reduce: averages gradients and norms over data-parallel ranks in place (default: a no-op outside an
+            initialised process group of several processes).
+        check_arms: called with pass 1's arms (the rank-consistency check), or None.
+        prefix_reuse: the pass-2 replay of pass 1's prefix calls, for methods whose pass 1 leaves arms out.
+        second_pass_context: a context manager factory around pass 2 (BatchNorm running statistics frozen).
+
+    Returns:
+        What the step did (:class:`StepResult`).
+    """
+    # optimizer.zero_grad clears only the optimizer's parameters; a trainable parameter outside it must not
+    # carry a stale gradient into this step's norms
+    for p in layout.params:
+        p.grad = None
+    method.begin_step()  # issue 15: a skipped step puts the method back as it is now (discard_step)
+    active1 = method.pass1_arms()
+    if check_arms is not None:
+        check_arms(active1)
+    set_requires_grad(layout, active1)
+    reuse = prefix_reuse if not bool(active1.all()) else None
+    try:
+        with (
+            reuse.record(reuse.owners_of(layout.params_of(active1))) if reuse is not None else contextlib.nullcontext()
+        ):
+            loss = forward_backward(AT_W)
+        first = measure_pass_one(layout, active1, scaler if method.measures_norms else False, all_reduce)
+        # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
+        finite = bool(first.finite) if method.measures_norms else True
+        finite_pass1 = finite
+        active2 = method.pass2_arms(first) if finite else None
+        loss2 = None
+        if active2 is not None:
+            loss2 = _second_pass(
+                layout, method, forward_backward, first, active1, active2, prefix_reuse, second_pass_context
+            )
+        elif finite:
+            method.single_pass_gradient(first)
+    finally:
+        set_requires_grad(layout, None)
+        if reuse is not None:
+            reuse.clear()
+
+    all_reduce([p.grad for p in layout.params if p.grad is not None])
+    # --- issue 15: skip a step whose gradients are not finite, in any pass ---
+    # One fused check (and one host read) of the gradients that reach the optimizer, after the method
+    # combined them and DDP averaged them (so every rank decides alike). A non-finite pass 1 is known already.
+    if finite:
+        finite = bool(all_finite(optimizer_grads(optimizer)))
+    # After a non-finite step a GradScaler still gets its step: it finds the inf, skips the update and
+    # backs off its scale, as in plain training. Without a scaler the optimizer is not stepped at all.
+    if finite or scaler is not None:
+        step_optimizer()
+    optimizer.zero_grad(set_to_none=True)
+    if after_optimizer_step is not None:
+        after_optimizer_step()
+    if finite:
+        method.after_step(first)
+    else:
+        method.discard_step()  # the method learns nothing from a skipped step
+    where = PASS_TWO if finite_pass1 and loss2 is not None else PASS_ONE
+    return StepResult(loss, loss2, first, active1, active2, not finite, where)
+
+
+def _second_pass(
+    layout: ArmLayout,
+    method: Method,
+    forward_backward: Callable[[int], Tensor],
+    first: PassOne,
+    active1: Tensor,
+    active2: Tensor,
+    prefix_reuse: PrefixReuse | None,
+    second_pass_context: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> Tensor:
+    """Ascend on ``active2``, differentiate at w + e, restore w bitwise, combine the gradients."""
+    on_both = active2 & active1
+    params = [p for p in layout.params_of(on_both) if p.grad is not None]
+    grads = [p.grad for p in params]
+    first_grads = [g.clone() for g in grads] if method.keeps_first_gradient else None
+    saved = perturbation.save(params)
+    with torch.no_grad():
+        raw_norm = first.norm_over(on_both, local=True) * first.grad_scale
+        ascent = method.perturbation(params, grads, raw_norm)
+        perturbation.apply(params, ascent)
+    del ascent, grads
+    for p in params:
+        p.grad = None
+    try:
+        if not torch.equal(active2, active1):
+            set_requires_grad(layout, active2)
+        # the calls below the lowest active module of pass 1 give the same outputs at w + e: replay them
+        reuse = prefix_reuse if not bool((active2 & ~active1).any()) else None
+        with second_pass_context(), reuse.replay() if reuse is not None else contextlib.nullcontext():
+            loss2 = forward_backward(PERTURBED)
+    finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in the loss)
+        perturbation.restore(params, saved)
+    method.combine(params, first_grads, first)
+    return loss2
+
+
+def set_requires_grad(layout: ArmLayout, active: Tensor | None) -> None:
+    """``requires_grad`` on the parameters of the active arms only (all arms when ``active`` is None)."""
+    if active is None:
+        for p in layout.params:
+            p.requires_grad_(True)
+        return
+    for arm, on in zip(layout.arms, active.tolist(), strict=True):
+        for p in arm.params:
+            p.requires_grad_(on)
+
+
+def optimizer_grads(optimizer: Any) -> list[Tensor]:
+    """The gradients the optimizer is about to see (its parameters' ``grad``, where not None)."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def measure_pass_one(
+    layout: ArmLayout,
+    active: Tensor,
+    scaler: torch.amp.GradScaler | bool | None,
+    all_reduce: Callable[[Sequence[Tensor]], None] = all_reduce_mean,
+) -> PassOne:
+    """Per-arm L2 norms of the pass-1 gradients, unscaled; one foreach kernel, no host sync.
+
+    ``scaler=False`` skips the norms (methods that never look at them, such as ``base``): zeros, finite.
+    """
+    params: list[nn.Parameter] = []
+    arms: list[int] = []
+    for index, (arm, on) in enumerate(zip(layout.arms, active.tolist(), strict=True)):
+        if on:
+            for p in arm.params:
+                if p.grad is not None:
+                    params.append(p)
+                    arms.append(index)
+    device = params[0].device if params else layout.params[0].device
+    arm_of_param = torch.tensor(arms, dtype=torch.long).to(device, non_blocking=True)
+    if scaler is False:
+        zeros = torch.zeros(len(layout), device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        return PassOne(active, params, arm_of_param, zeros, zeros.new_ones(()), finite, zeros)
+    tensor_norms = perturbation.tensor_norms([p.grad for p in params]).to(device)
+    raw = perturbation.arm_norms(tensor_norms, arm_of_param, len(layout))
+    scale = scaler._scale if scaler is not None and scaler._scale is not None else None
+    grad_scale = scale.to(device=device, dtype=torch.float32) if scale is not None else raw.new_ones(())
+    local = raw / grad_scale
+    shared = local.clone()
+    all_reduce([shared])  # rank-mean (N floats): every rank decides and learns from the same norms
+    return PassOne(active, params, arm_of_param, shared, grad_scale, torch.isfinite(shared).all(), local)
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module``, in ``modules()`` order."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def frozen_running_stats(layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """For the block: training BatchNorm layers normalise with batch statistics but leave their running
+    statistics alone (pass 2 with ``bn_running_stats="pass1"``)."""
+    frozen = [m for m in layers if m.training and m.track_running_stats]
+    for m in frozen:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True

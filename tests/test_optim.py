@@ -1,0 +1,300 @@
+"""``lightning_slsam.optim``: the methods as plain-PyTorch optimizers, on the same step engine as the mixin.
+
+The reference for a plain loop is ``Trainer.fit`` with the callback of the same name on the same data (CPU,
+fp32, no shuffle, same seeds): both must end with bitwise-equal weights, BatchNorm buffers and method state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyNet, make_dataset, quiet_trainer
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import lightning_slsam
+from lightning_slsam import optim
+
+EPOCHS = 2
+BATCHES = 3  # per epoch: 48 points in batches of 16
+
+# (name, arguments): every method of lightning_slsam.optim, with seeds where it draws at random
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("Plain", {}),
+    ("SAM", {"rho": 0.1}),
+    ("ASAM", {"rho": 0.5}),
+    ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3}),
+    ("SLSAMPlus", {"rho": 0.1, "seed": 3}),
+    ("LookSAM", {"rho": 0.1, "k": 2}),
+    ("RST", {"rho": 0.1, "seed": 3}),
+    ("ARSAM", {"rho": 0.1, "max_interval": 2}),
+    ("LayerwiseGNP", {"rho": 0.1, "layer_fraction": 0.5}),
+    ("SSAMD", {"rho": 0.1, "seed": 3}),
+]
+
+
+class Holder(nn.Module):
+    """A plain ``nn.Module`` holding the same ``model`` Sequential as ``TinyNet`` (same parameter names)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def loader() -> DataLoader:
+    return DataLoader(make_dataset(n=16 * BATCHES), batch_size=16, shuffle=False)
+
+
+def plain_model() -> tuple[Holder, torch.optim.Optimizer]:
+    net = TinyNet(batch_norm=True)  # the weights TinyNet draws; the optimizer its configure_optimizers builds
+    holder = Holder(copy.deepcopy(net.model))
+    return holder, torch.optim.AdamW(holder.parameters(), lr=net.lr, weight_decay=net.weight_decay)
+
+
+def run_plain(name: str, kwargs: dict[str, Any], **options: Any) -> tuple[Holder, optim.SharpnessAwareOptimizer]:
+    """The loop a user writes: ``start_epoch``, then ``step(closure)`` and ``zero_grad`` per batch."""
+    model, base = plain_model()
+    wrap = options.pop("wrap", None)
+    if wrap is not None:
+        model, base = wrap(model, base)
+    opt = getattr(optim, name)(model, base, **kwargs, **options)
+    model.train()
+    for epoch in range(EPOCHS):
+        opt.start_epoch(epoch, total_epochs=EPOCHS)
+        for x, y in loader():
+
+            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                return F.cross_entropy(model.model(x), y)
+
+            opt.step(closure)
+            opt.zero_grad()
+    return model, opt
+
+
+def assert_same_state(actual: Any, expected: Any, where: str = "state") -> None:
+    """Nested dicts/lists of tensors and numbers, equal bitwise (generator states included)."""
+    if isinstance(expected, Tensor):
+        assert isinstance(actual, Tensor) and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_same_state(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_state(a, e, f"{where}[{index}]")
+    elif isinstance(expected, float) and math.isnan(expected):
+        assert math.isnan(actual), where
+    else:
+        assert actual == expected, where
+
+
+def assert_models_bitwise(actual: nn.Module, expected: nn.Module) -> None:
+    got, want = dict(actual.named_parameters()), dict(expected.named_parameters())
+    got.update(actual.named_buffers())
+    want.update(expected.named_buffers())
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+# --- plain loop == Trainer.fit --------------------------------------------------------------------------------
+# callback options the plain API honours too: clipping, BatchNorm statistics in both passes, other arms, no replay
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("SAM", {"rho": 0.1, "clip_grad_norm": 0.05, "clip_grad_value": 0.01}),
+    ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "arms": "module", "bn_running_stats": "both"}),
+    ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "arms": "block", "reuse_prefix": False}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    METHODS + OPTIONS,
+    ids=[name for name, _ in METHODS] + ["SAM-clip", "SLSAM-module-bn-both", "SLSAM-block-no-reuse"],
+)
+def test_plain_loop_equals_trainer_fit(name: str, kwargs: dict[str, Any]) -> None:
+    module = TinyNet(batch_norm=True)
+    callback = getattr(lightning_slsam, name)(**kwargs)
+    quiet_trainer([callback], max_steps=-1, max_epochs=EPOCHS).fit(module, loader())
+    model, opt = run_plain(name, kwargs)
+    assert opt.steps == EPOCHS * BATCHES == callback.steps
+    assert callback.method is not None and opt.method.name == callback.method.name
+    assert_models_bitwise(model, module)
+    assert_same_state(opt.method.state_dict(), callback.method.state_dict(), "method_state")
+    assert_same_state(opt.skipped.state_dict(), callback.skipped.state_dict(), "skipped_steps")
+
+
+@pytest.mark.parametrize("name", ["SAM", "SLSAM"])
+def test_fabric_loop_equals_plain_loop(name: str) -> None:
+    kwargs = dict(METHODS)[name]
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+
+    def setup(model: nn.Module, base: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return fabric.setup(model, base)
+
+    wrapped, fabric_opt = run_plain(name, kwargs, wrap=setup, backward=fabric.backward)
+    model, opt = run_plain(name, kwargs)
+    assert_models_bitwise(wrapped.module, model)
+    assert_same_state(fabric_opt.method.state_dict(), opt.method.state_dict())
+
+
+# --- GradScaler -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["SAM", "SLSAM"])
+def test_grad_scaler_matches_unscaled_run(name: str) -> None:
+    """A power-of-two loss scale: the update and the bandit's norms are those of the unscaled run."""
+    kwargs = dict(METHODS)[name]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled_model, scaled = run_plain(name, kwargs, scaler=scaler)
+    model, opt = run_plain(name, kwargs)
+    for (key, p), q in zip(scaled_model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=key)
+    torch.testing.assert_close(scaled.last_step.first.arm_norms, opt.last_step.first.arm_norms)
+    if name == "SLSAM":
+        torch.testing.assert_close(scaled.method.probabilities(), opt.method.probabilities())
+
+
+@pytest.mark.parametrize("name", ["SAM", "SLSAM"])
+def test_grad_scaler_skips_an_inf_step(name: str) -> None:
+    """An inf loss: the scaler skips the update and halves its scale; weights and method state stay."""
+    kwargs = dict(METHODS)[name]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model, base = plain_model()
+    opt = getattr(optim, name)(model, base, scaler=scaler, **kwargs)
+    x, y = next(iter(loader()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(lambda: F.cross_entropy(model.model(x), y).float())  # one finite step under bf16 autocast
+    opt.zero_grad()
+    weights = {key: p.detach().clone() for key, p in model.named_parameters()}
+    method_state = copy.deepcopy(opt.method.state_dict())
+    adam_state = copy.deepcopy(base.state_dict())
+    scale = scaler.get_scale()
+    with pytest.warns(RuntimeWarning, match="skipped global step 1"):
+        opt.step(lambda: F.cross_entropy(model.model(x), y) * float("inf"))
+    opt.zero_grad()
+    assert opt.last_step is not None and opt.last_step.skipped
+    assert opt.skipped.total == 1
+    assert scaler.get_scale() == scale / 2
+    for key, p in model.named_parameters():
+        assert torch.equal(p, weights[key]), key
+    assert_same_state(opt.method.state_dict(), method_state)
+    assert_same_state(base.state_dict(), adam_state)
+
+
+def test_inf_loss_without_scaler_skips_the_step() -> None:
+    model, base = plain_model()
+    opt = optim.SLSAM(model, base, rho=0.1, sparsity=0.5, seed=0)
+    x, y = next(iter(loader()))
+    weights = {key: p.detach().clone() for key, p in model.named_parameters()}
+    sampler = copy.deepcopy(opt.method.state_dict())
+    with pytest.warns(RuntimeWarning, match="the optimizer was not stepped"):
+        opt.step(lambda: F.cross_entropy(model.model(x), y) * float("nan"))
+    for key, p in model.named_parameters():
+        assert torch.equal(p, weights[key]), key
+    assert_same_state(opt.method.state_dict(), sampler)
+
+
+# --- state_dict -----------------------------------------------------------------------------------------------
+def test_state_dict_resumes_exactly() -> None:
+    kwargs = dict(METHODS)["SLSAM"]
+    batches = list(loader())
+
+    def steps(opt: optim.SharpnessAwareOptimizer, model: Holder, chunk: list[Any]) -> None:
+        for x, y in chunk:
+            opt.step(lambda x=x, y=y: F.cross_entropy(model.model(x), y))
+            opt.zero_grad()
+
+    model, base = plain_model()
+    opt = optim.SLSAM(model, base, **kwargs)
+    steps(opt, model, batches[:2])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(opt, model, batches[2:])
+
+    resumed, resumed_base = plain_model()
+    resumed.load_state_dict(saved_model)
+    resumed_opt = optim.SLSAM(resumed, resumed_base, **{**kwargs, "seed": 99})  # the state overrides the seed
+    resumed_opt.load_state_dict(saved_opt)
+    steps(resumed_opt, resumed, batches[2:])
+    assert_models_bitwise(resumed, model)
+    assert_same_state(resumed_opt.state_dict(), opt.state_dict())
+
+    other = optim.SAM(*plain_model())
+    with pytest.raises(ValueError, match="state_dict"):
+        other.load_state_dict(saved_opt)
+
+
+# --- argument checks ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("build", "argument"),
+    [
+        (lambda m, b: optim.SAM(object(), b), "model"),  # type: ignore[arg-type]
+        (lambda m, b: optim.SAM(m, object()), "base_optimizer"),  # type: ignore[arg-type]
+        (lambda m, b: optim.SAM(m, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)), "base_optimizer"),
+        (lambda m, b: optim.SAM(m, b, rho=-1.0), "rho"),
+        (lambda m, b: optim.SLSAM(m, b, sparsity=2.0), "sparsity"),
+        (lambda m, b: optim.SLSAM(m, b, bandit_lr=float("nan")), "bandit_lr"),
+        (lambda m, b: optim.LookSAM(m, b, k=0), "k"),
+        (lambda m, b: optim.SAM(m, b, arms="layers"), "arms"),
+        (lambda m, b: optim.SAM(m, b, accumulate=2), "accumulate"),
+        (lambda m, b: optim.SAM(m, b, history_every=2), "history_every"),
+        (lambda m, b: optim.SAM(m, b, scaler="fp16"), "scaler"),
+        (lambda m, b: optim.SAM(m, b, backward=1), "backward"),
+    ],
+)
+def test_bad_arguments_name_the_argument(build: Any, argument: str) -> None:
+    model, base = plain_model()
+    with pytest.raises(ValueError, match=f"^{argument}:"):
+        build(model, base)
+
+
+def test_bad_closure_names_the_closure() -> None:
+    model, base = plain_model()
+    opt = optim.SAM(model, base)
+    with pytest.raises(ValueError, match=r"^closure:"):
+        opt.step(None)  # type: ignore[arg-type]
+    x, _ = next(iter(loader()))
+    with pytest.raises(ValueError, match=r"^closure:.*shape"):
+        opt.step(lambda: model.model(x))
+    for p in model.parameters():  # the step restored requires_grad although the closure failed
+        assert p.requires_grad
+    with pytest.raises(ValueError, match=r"^epoch:"):
+        opt.start_epoch(-1)
+
+
+# --- DistributedDataParallel (2 CPU processes, gloo) ----------------------------------------------------------
+DDP_SCRIPT = Path(__file__).parent / "scripts" / "ddp_optim.py"
+
+
+def run_ddp_script(out: Path, steps: int) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    # the package of this checkout, also where another one is installed (editable install, worktrees)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    args = [sys.executable, str(DDP_SCRIPT), str(out), str(steps)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_ddp_replicas_agree_and_gradients_are_averaged(tmp_path: Path) -> None:
+    """SL-SAM on a DDP-wrapped model: the ranks sample the same arms (seed broadcast, checked every step) and
+    stay bitwise equal; the base optimizer on two half batches takes the steps of one process on the whole."""
+    rank0, rank1 = run_ddp_script(tmp_path, steps=6)
+    assert rank0["world_size"] == 2
+    for name, value in rank0["slsam"]["params"].items():
+        assert torch.equal(value, rank1["slsam"]["params"][name]), name
+    probs = rank0["slsam"]["probs"]
+    assert torch.equal(probs, rank1["slsam"]["probs"])
+    assert not torch.allclose(probs, torch.full_like(probs, 0.4))  # the bandit learned
+    for name, value in rank0["single"]["params"].items():
+        torch.testing.assert_close(rank0["plain"]["params"][name], value, rtol=1e-5, atol=1e-6)
