@@ -266,13 +266,15 @@ def accuracy_table(runs: list[dict[str, Any]], metric: str, cost: dict[str, floa
     return lines
 
 
-def cost_table(cost: dict[str, float], memory: dict[str, float | None], methods: list[str]) -> list[str]:
+def cost_table(
+    cost: dict[str, float], cost_sam: dict[str, float | None], memory: dict[str, float | None], methods: list[str]
+) -> list[str]:
     """Markdown rows: step time in base and SAM steps, and peak memory against base, from the step benchmark."""
     lines = ["| method | step time x base | step time x SAM | peak memory x base |", "|---|---:|---:|---:|"]
     for method in methods:
         if method not in cost:
             continue
-        sam = f"{cost[method] / cost['sam']:.2f}" if cost.get("sam") else "-"
+        sam = f"{cost_sam[method]:.2f}" if cost_sam.get(method) else "-"
         mem = f"{memory[method]:.2f}" if memory.get(method) else "-"
         lines.append(f"| `{method}` | {cost[method]:.2f} | {sam} | {mem} |")
     return lines
@@ -283,6 +285,7 @@ def report(args: argparse.Namespace) -> int:
     runs, task = summary["runs"], summary["task"]
     bench = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
     cost = {BENCH_NAMES.get(m, m): row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
+    cost_sam = {BENCH_NAMES.get(m, m): row.get("cost_vs_sam") for m, row in bench.items()}
     memory = {BENCH_NAMES.get(m, m): row.get("memory_vs_base") for m, row in bench.items()}
     order = [m for m in METHODS if any(r["method"] == m for r in runs)]
     tried = "; ".join(
@@ -302,7 +305,7 @@ def report(args: argparse.Namespace) -> int:
         f"Learning rates tried: {tried}.",
     ]
     if cost:
-        lines += ["", "Cost (step benchmark, same model and batch):", "", *cost_table(cost, memory, order)]
+        lines += ["", "Cost (step benchmark, same model and batch):", "", *cost_table(cost, cost_sam, memory, order)]
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)
     chosen = best_learning_rates(runs, "best")

@@ -95,7 +95,7 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
             {
                 "results": {
                     "base": {"cost_vs_base": 1.0, "memory_vs_base": 1.0},
-                    "sam": {"cost_vs_base": 2.0, "memory_vs_base": 1.1},
+                    "sam": {"cost_vs_base": 2.0, "cost_vs_sam": 1.0, "memory_vs_base": 1.1},
                 }
             }
         )
