@@ -212,7 +212,7 @@ FIXED_METHODS: dict[str, tuple[Callable[[], SharpnessAware], str]] = {
     "rst": (lambda: RST(rho=0.05, p=0.5, seed=0), "RST, a SAM step with probability 0.5"),
     "slsam_plus": (
         lambda: SLSAMPlus(rho=0.05, seed=0),
-        "SL-SAM plus: sparsity 0.2 of the sampled arms, head and 1-D tensors always active, update x min(1/p, 5)",
+        "SL-SAM plus: sparsity 0.2, tensor arms, Exp3 bandit, each sampled arm's update x min(1/p, 5)",
     ),
 }
 SLSAM_PATTERN = re.compile(

@@ -57,7 +57,8 @@ TASKS: dict[str, list[str]] = {
     ],
 }
 
-#: the method overrides of each method name of the sweep (SL-SAM's levers one at a time, then together)
+#: the method overrides of each method name of the sweep (SL-SAM's levers one at a time, all together, and the
+#: shipped combination)
 METHODS: dict[str, list[str]] = {
     "base": ["method=base"],
     "sam": ["method=sam"],
@@ -68,8 +69,14 @@ METHODS: dict[str, list[str]] = {
     "slsam": ["method=slsam"],
     "slsam_head": ["method=slsam", "method.always_active=[head]"],
     "slsam_head_vectors": ["method=slsam", "method.always_active=[head,vectors]"],
-    "slsam_scaled": ["method=slsam", "method.max_update_scale=5.0"],
     "slsam_rm": ["method=slsam", "method.norm_scale=running_mean"],
+    "slsam_all_levers": [
+        "method=slsam",
+        "method.always_active=[head,vectors]",
+        "method.norm_scale=running_mean",
+        "method.max_update_scale=5.0",
+    ],
+    # the update scaling alone (max_update_scale=5): the lever that carried the gain, shipped as slsam_plus
     "slsam_plus": ["method=slsam_plus"],
 }
 

@@ -126,8 +126,6 @@ class SLSAMSchema(CommonOptions):
 @dataclass
 class SLSAMPlusSchema(SLSAMSchema):
     _target_: str = "lightning_slsam.SLSAMPlus"
-    always_active: list[str] = field(default_factory=lambda: ["head", "vectors"])
-    norm_scale: str = "running_mean"
     max_update_scale: Optional[float] = 5.0  # noqa: UP045
 
 

@@ -340,6 +340,6 @@ class SLSAM(SharpnessAwareOptimizer):
 
 
 class SLSAMPlus(SharpnessAwareOptimizer):
-    """SL-SAM with the levers against update starvation on: arguments as :class:`lightning_slsam.SLSAMPlus`."""
+    """SL-SAM with its update scaled for the sampling rate: arguments as :class:`lightning_slsam.SLSAMPlus`."""
 
     callback_class = callbacks.SLSAMPlus

@@ -202,23 +202,23 @@ def test_scaled_update_with_cap_one_equals_plain_slsam_bitwise(make_trainer, tin
 
 
 # --- slsam_plus -----------------------------------------------------------------------------------------------------
-def test_slsam_plus_keeps_head_and_vectors_active_every_step(make_trainer, tiny_loader) -> None:
+def test_pinned_head_and_vectors_are_active_every_step(make_trainer, tiny_loader) -> None:
     module = TinyNet(batch_norm=True)
-    callback = SLSAMPlus(rho=RHO, seed=0)
+    callback = SLSAM(rho=RHO, seed=0, always_active=["head", "vectors"], norm_scale="running_mean", max_update_scale=5)
     masks, probs = recorded_masks(module, callback, tiny_loader, make_trainer)
     always = {"model.5.weight", "model.5.bias", "model.1.weight", "model.1.bias", "model.3.bias"}
     for step_mask, step_probs in zip(masks, probs, strict=True):
         assert always <= set(step_mask)
         assert all(step_probs[n] == 1.0 for n in always)
-    assert callback.method is not None and callback.method.name == "slsam_plus"
     assert not torch.equal(snapshot(module)["model.0.weight"], snapshot(TinyNet(batch_norm=True))["model.0.weight"])
 
 
-def test_slsam_plus_equals_slsam_with_the_same_arguments(make_trainer, tiny_loader) -> None:
+def test_slsam_plus_is_slsam_with_scaled_updates(make_trainer, tiny_loader) -> None:
     plus, slsam = TinyNet(), TinyNet()
-    make_trainer(callbacks=[SLSAMPlus(rho=RHO, seed=0)], max_steps=STEPS).fit(plus, tiny_loader)
-    same = SLSAM(rho=RHO, seed=0, always_active=["head", "vectors"], norm_scale="running_mean", max_update_scale=5.0)
-    make_trainer(callbacks=[same], max_steps=STEPS).fit(slsam, tiny_loader)
+    callback = SLSAMPlus(rho=RHO, seed=0)
+    make_trainer(callbacks=[callback], max_steps=STEPS).fit(plus, tiny_loader)
+    assert callback.method is not None and callback.method.name == "slsam_plus"
+    make_trainer(callbacks=[SLSAM(rho=RHO, seed=0, max_update_scale=5.0)], max_steps=STEPS).fit(slsam, tiny_loader)
     for (name, p), q in zip(plus.named_parameters(), slsam.parameters(), strict=True):
         assert torch.equal(p, q), name
 
