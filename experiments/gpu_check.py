@@ -59,11 +59,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -84,7 +82,6 @@ import torch  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-import lightning_slsam  # noqa: E402
 from lightning_slsam import SAM, SLSAM, SharpnessAware  # noqa: E402
 from lightning_slsam.models import Classifier  # noqa: E402
 
@@ -788,16 +785,8 @@ def looksam_window_note(record: dict[str, Any]) -> str:
 
 # --- report ---------------------------------------------------------------------------------------------------------
 def machine_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": device,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "lightning_slsam": lightning_slsam.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_threads": torch.get_num_threads(),
-    }
+    """The step benchmark's machine record (versions, CPU, threads, date, load), plus the commit and CUDA details."""
+    info: dict[str, Any] = _load_bench().machine_info(device, torch.get_num_threads())
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
