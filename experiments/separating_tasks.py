@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -335,8 +336,6 @@ def report(args: argparse.Namespace) -> int:
 
 def _write_into_page(page: Path, task: str, text: str) -> None:
     """Replace the block between ``<!-- separating: TASK -->`` and ``<!-- end separating: TASK -->`` of ``page``."""
-    import re
-
     pattern = re.compile(
         rf"(<!-- separating: {re.escape(task)} -->\n).*?(<!-- end separating: {re.escape(task)} -->)", re.S
     )

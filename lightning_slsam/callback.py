@@ -733,19 +733,21 @@ class SLSAM(SharpnessAware):
 
     def check_model(self, module: nn.Module) -> None:
         if self.always_active:
-            layout = build_arms(module, self.arms)
-            if bool(select_arms(module, layout, self.always_active).all()):
-                raise ValueError(
-                    f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left "
-                    "to sample (use SAM)"
-                )
+            self._pinned(module, build_arms(module, self.arms))
+
+    def _pinned(self, module: nn.Module, layout: ArmLayout) -> Tensor:
+        """The ``always_active`` arms of ``layout``; refused when they are every arm (nothing left to sample)."""
+        pinned = select_arms(module, layout, self.always_active)
+        if bool(pinned.all()):
+            raise ValueError(
+                f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left "
+                "to sample (use SAM)"
+            )
+        return pinned
 
     def build_method(self, layout: ArmLayout) -> Method:
         seed = broadcast_seed(self.seed)  # every rank samples the same arms
-        pinned = None
-        if self.always_active:
-            self.check_model(self._module)
-            pinned = select_arms(self._module, layout, self.always_active)
+        pinned = self._pinned(self._module, layout) if self.always_active else None
         free = len(layout) if pinned is None else int((~pinned).sum())
         window = min(free, math.ceil(self.top_fraction * free - 1e-9))
         if self.sampler == "uniform":
