@@ -77,9 +77,9 @@ from lightning_slsam import (
     SLSAM,
     SSAMD,
     SSAMF,
+    Base,
     LayerwiseGNP,
     LookSAM,
-    Plain,
     SharpnessAware,
     SLSAMPlus,
 )
@@ -201,7 +201,7 @@ PRESETS: dict[str, Preset] = {
 
 # --- methods ----------------------------------------------------------------------------------------------------
 FIXED_METHODS: dict[str, tuple[Callable[[], SharpnessAware], str]] = {
-    "base": (lambda: Plain(), "AdamW, one pass"),
+    "base": (lambda: Base(), "AdamW, one pass"),
     "sam": (lambda: SAM(rho=0.05), "SAM, rho 0.05"),
     "asam": (lambda: ASAM(rho=0.5), "ASAM, rho 0.5"),
     "ssam_f": (lambda: SSAMF(rho=0.05, sparsity=0.5), "SSAM-F, 50% of elements perturbed, Fisher mask per epoch"),
@@ -266,12 +266,13 @@ def describe_method(name: str) -> str:
         return FIXED_METHODS[name][1]
     callback = make_callback(name)  # the one parse of the name
     assert isinstance(callback, SLSAM)
-    sampler = "uniform sampler" if callback.sampler == "uniform" else "Exp3 bandit"
-    if callback.norm_scale == "running_mean":
+    options = callback.options
+    sampler = "uniform sampler" if options.sampler == "uniform" else "Exp3 bandit"
+    if options.norm_scale == "running_mean":
         sampler += " on running-mean-scaled norms"
-    window = f", top {callback.top_fraction:g} of the arms" if callback.top_fraction < 1.0 else ""
+    window = f", top {options.top_fraction:g} of the arms" if options.top_fraction < 1.0 else ""
     reuse = "" if callback.reuse_prefix else ", no prefix reuse"
-    return f"SL-SAM, sparsity {callback.sparsity:g}, {callback.arms} arms{window}, {sampler}{reuse}"
+    return f"SL-SAM, sparsity {options.sparsity:g}, {callback.arms} arms{window}, {sampler}{reuse}"
 
 
 def expand_methods(names: list[str]) -> list[str]:

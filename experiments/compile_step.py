@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_slsam.step_engine
-from lightning_slsam import SAM, SLSAM, Plain, SharpnessAwareMixin
+from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin
 
 WAYS = ("eager", "whole", "regional")
 
@@ -138,7 +138,7 @@ class ActiveInputsSLSAM(SLSAM):
 
 def make_callback(method: str, no_toggle: bool) -> L.Callback:
     if method == "base":
-        return Plain()
+        return Base()
     if method == "sam":
         return SAM(rho=0.05)
     arms = "block" if method == "slsam-block" else "tensor"

@@ -20,12 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_slsam import SAM, SLSAM, Plain, SharpnessAware
+from lightning_slsam import SAM, SLSAM, Base, SharpnessAware
 from lightning_slsam.data import DigitsDataModule
 from lightning_slsam.models import Classifier, SmallCNN
 
 METHODS = {
-    "base": lambda seed: Plain(),
+    "base": lambda seed: Base(),
     "sam": lambda seed: SAM(rho=0.05),
     "slsam": lambda seed: SLSAM(rho=0.05, sparsity=0.5, seed=seed),
 }

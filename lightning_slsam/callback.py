@@ -2,45 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 from lightning_slsam import attention_inputs, module_conversion, pass_context, probability_logging
-from lightning_slsam.arm_groups import check_spec, select_arms
-from lightning_slsam.arms import ARM_MODES, ArmLayout, build_arms
-from lightning_slsam.distributed import assert_same_arms, broadcast_seed, check_strategy, disable_ddp_sync
+from lightning_slsam.argument_checks import check_int
+from lightning_slsam.arms import ArmLayout, build_arms
+from lightning_slsam.distributed import assert_same_arms, check_strategy, disable_ddp_sync
 from lightning_slsam.lr_schedules import step_schedulers
-from lightning_slsam.methods.arsam import ARSAMMethod
-from lightning_slsam.methods.interface import Method, PassOne, check_rho
-from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
-from lightning_slsam.methods.looksam import LookSAMMethod
-from lightning_slsam.methods.plain import PlainMethod
-from lightning_slsam.methods.rst import RSTMethod
-from lightning_slsam.methods.sam import SAMMethod
-from lightning_slsam.methods.slsam import SLSAMMethod
-from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
+from lightning_slsam.methods.arsam import ARSAMOptions
+from lightning_slsam.methods.base import BaseOptions
+from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
+from lightning_slsam.methods.looksam import LookSAMOptions
+from lightning_slsam.methods.options import MethodOptions
+from lightning_slsam.methods.rst import RSTOptions
+from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
+from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 from lightning_slsam.prefix_reuse import PrefixReuse
-from lightning_slsam.samplers import (
-    ArmSampler,
-    Exp3Sampler,
-    PinnedArmsSampler,
-    TopArmsSampler,
-    UniformSampler,
-    _check_sparsity,
-)
-from lightning_slsam.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS, SkippedSteps, check_max_skipped_steps
+from lightning_slsam.skipped_steps import SkippedSteps
 from lightning_slsam.step_engine import batch_norms, frozen_running_stats
+from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
-BN_RUNNING_STATS = ("pass1", "both")
 STATE_KEY_PREFIX = "SharpnessAware["
-SAMPLERS = ("exp3", "uniform")
 
 
 def find_sharpness_callback(trainer: pl.Trainer) -> SharpnessAware | None:
@@ -52,27 +45,14 @@ def find_sharpness_callback(trainer: pl.Trainer) -> SharpnessAware | None:
 
 
 class SharpnessAware(pl.Callback):
-    """Base class of the method callbacks. Subclasses build their :class:`Method` in ``build_method``.
+    """Base class of the method callbacks: each subclass names its method's options (``options_class``).
 
-    Args:
-        arms: how parameters are grouped into arms: ``"tensor"`` (default), ``"module"`` or ``"block"``.
-        bn_running_stats: ``"pass1"`` (default) updates BatchNorm running statistics in pass 1 only;
-            ``"both"`` lets pass 2 (at the perturbed weights) update them too.
-        accumulate: micro-batches per optimizer step (default 1): pass 1 over all of them, one ascent,
-            pass 2 over the same ones, one step.
-        clip_grad_norm: clip the total L2 norm of the gradients the optimizer sees to this (default None),
-            on unscaled gradients (in ``on_before_optimizer_step``).
-        clip_grad_value: clip every gradient element to ``[-value, value]`` (default None).
-        check_ranks: under DDP, verify every step that all ranks sampled the same arms (default False).
-        history_every: record the sampling probabilities every this many steps (default 1; 0 = never).
-        reuse_prefix: in pass 2 of a method whose pass 1 leaves arms out (SL-SAM), take the outputs of the
-            module calls below the lowest active module from pass 1 instead of computing them again (default
-            True; exact, see ``prefix_reuse.py``; False for a model whose modules read other modules'
-            parameters without owning them).
-        max_skipped_steps: a step whose gradients are not finite (NaN or inf, in any pass) is skipped with a
-            warning, weights, optimizer and method state unchanged; this many skipped steps in a row stop
-            training with :class:`~lightning_slsam.skipped_steps.NonFiniteTrainingError` (int >= 1, default 50;
-            None never stops).
+    Arguments (keywords only): the method's own (its options class, ``options_class``, e.g.
+    :class:`~lightning_slsam.methods.slsam.SLSAMOptions`), the shared step's
+    (:class:`~lightning_slsam.step_options.StepOptions`: ``arms``, ``bn_running_stats``, ``clip_grad_norm``,
+    ``clip_grad_value``, ``check_ranks``, ``reuse_prefix``, ``max_skipped_steps``) and the callback's own
+    (:class:`LightningOptions`: ``accumulate``, ``history_every``). Each is checked when the callback is built,
+    and an unknown name is a TypeError that lists the accepted ones.
 
     Logged every step (``self.log`` of the module, so any Lightning logger gets them):
     ``train/loss`` (at w), ``train/loss_perturbed`` (at w + e), ``train/sharpness`` (their difference),
@@ -87,47 +67,35 @@ class SharpnessAware(pl.Callback):
     TensorBoard logger a histogram and a heatmap image of the per-arm probabilities.
     """
 
-    def __init__(
-        self,
-        arms: str = "tensor",
-        bn_running_stats: str = "pass1",
-        accumulate: int = 1,
-        clip_grad_norm: float | None = None,
-        clip_grad_value: float | None = None,
-        check_ranks: bool = False,
-        history_every: int = 1,
-        reuse_prefix: bool = True,
-        max_skipped_steps: int | None = DEFAULT_MAX_SKIPPED_STEPS,
-    ) -> None:
-        if arms not in ARM_MODES:
-            raise ValueError(f"arms: unknown arms mode {arms!r}; expected one of {', '.join(ARM_MODES)}")
-        if bn_running_stats not in BN_RUNNING_STATS:
-            raise ValueError(
-                f"bn_running_stats: expected one of {', '.join(BN_RUNNING_STATS)}, got {bn_running_stats!r}"
-            )
-        if not (isinstance(accumulate, int) and accumulate >= 1):
-            raise ValueError(
-                f"accumulate: the number of micro-batches per step must be an int >= 1, got {accumulate!r}"
-            )
-        for key, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
-            if value is not None and not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-            ):
-                raise ValueError(f"{key}: must be a finite number > 0 or None, got {value!r}")
-        if not (isinstance(history_every, int) and history_every >= 0):
-            raise ValueError(f"history_every: must be an int >= 0 (0 keeps no history), got {history_every!r}")
-        self.arms = arms
-        self.bn_running_stats = bn_running_stats
-        self.accumulate = accumulate
-        self.clip_grad_norm = clip_grad_norm
-        self.clip_grad_value = clip_grad_value
-        self.check_ranks = check_ranks
-        self.history_every = history_every
-        if not isinstance(reuse_prefix, bool):
-            raise ValueError(f"reuse_prefix: must be True or False, got {reuse_prefix!r}")
-        self.reuse_prefix = reuse_prefix
+    #: the method's one definition (its arguments, defaults, checks and builder); set by each subclass
+    options_class: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            keyword_parameters(cls.options_class, LightningOptions, StepOptions)
+        )
+
+    def __init__(self, **arguments: Any) -> None:
+        name = type(self).__name__
+        method_args, lightning_args, step_args = split_arguments(
+            name, arguments, self.options_class, LightningOptions, StepOptions
+        )
+        #: the method's arguments, checked (``methods/<method>.py``)
+        self.options: MethodOptions = self.options_class(**method_args)
+        #: the shared step's options, checked (``step_options.py``)
+        self.step_options = StepOptions(**step_args)
+        lightning = LightningOptions(**lightning_args)
+        self.arms: str = self.step_options.arms or self.options_class.default_arms
+        self.bn_running_stats = self.step_options.bn_running_stats
+        self.clip_grad_norm = self.step_options.clip_grad_norm
+        self.clip_grad_value = self.step_options.clip_grad_value
+        self.check_ranks = self.step_options.check_ranks
+        self.reuse_prefix = self.step_options.reuse_prefix
+        self.accumulate = lightning.accumulate
+        self.history_every = lightning.history_every
         #: steps skipped for non-finite gradients (issue 15); part of the checkpoint
-        self.skipped = SkippedSteps(check_max_skipped_steps(max_skipped_steps), owner=type(self).__name__)
+        self.skipped = SkippedSteps(self.step_options.max_skipped_steps, owner=name)
         #: the pass-2 replay of pass 1's prefix calls, set up at fit start when the method can use it
         self.prefix_reuse: PrefixReuse | None = None
         self.method: Method | None = None
@@ -146,16 +114,15 @@ class SharpnessAware(pl.Callback):
         self._update_lrs: list[float] | None = None  # per parameter group, read at this step's optimizer.step()
 
     def build_method(self, layout: ArmLayout) -> Method:
-        """The method this callback runs, for the model's arms."""
-        raise NotImplementedError
+        """The method this callback runs for the model's arms: by default the options' (``options.build``).
+
+        Override it to run a method of your own on the shared step (the module is ``self._module``).
+        """
+        return self.options.build(self._module, layout)
 
     def method_for(self, module: nn.Module, layout: ArmLayout) -> Method:
-        """The method of this callback's arguments for ``module`` and its arms, set up (``Method.setup``).
-
-        Shared by the Lightning hooks (``on_fit_start``) and the plain-PyTorch optimizers of
-        :mod:`lightning_slsam.optim`, so that both build the same method from the same validated arguments.
-        """
-        self._module = module  # build_method may read the module's structure (SLSAM's always_active)
+        """The method of this callback's arguments for ``module`` and its arms, set up (``Method.setup``)."""
+        self._module = module
         method = self.build_method(layout)
         method.setup(layout)
         return method
@@ -163,8 +130,9 @@ class SharpnessAware(pl.Callback):
     def check_model(self, module: nn.Module) -> None:
         """Raise a ValueError naming the argument if this callback's arguments do not fit ``module``.
 
-        Called by ``slsam-train`` once the model is built, before any training; the default checks nothing.
+        Called by ``slsam-train`` once the model is built, before any training (SL-SAM's ``always_active``).
         """
+        self.options.check_model(module, self.arms)
 
     @property
     def state_key(self) -> str:
@@ -425,374 +393,107 @@ class SharpnessAware(pl.Callback):
         self.skipped.load_state_dict(state.get("skipped_steps", {}))  # absent in checkpoints before issue 15
 
 
-class Plain(SharpnessAware):
-    """The base optimizer (one pass per step) with the same logging as the other methods: method ``base``."""
+@dataclasses.dataclass(frozen=True)
+class LightningOptions:
+    """The callbacks' options that the plain-PyTorch optimizers do not have.
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    Args:
+        accumulate: micro-batches per optimizer step (int >= 1, default 1): pass 1 over all of them, one ascent,
+            pass 2 over the same ones, one step.
+        history_every: record the sampling probabilities every this many steps (int >= 0, default 1; 0 = never).
+    """
 
-    def build_method(self, layout: ArmLayout) -> Method:
-        return PlainMethod()
+    accumulate: int = 1
+    history_every: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("accumulate", self.accumulate, 1, what="the number of micro-batches per step")
+        check_int("history_every", self.history_every, 0, what="the probability-history interval (0 keeps none)")
+
+
+class Base(SharpnessAware):
+    """The base optimizer (one pass per step) with the same logging as the other methods: method ``base``.
+
+    Arguments: the step options (:class:`~lightning_slsam.step_options.StepOptions`) and ``accumulate``,
+    ``history_every``.
+    """
+
+    options_class = BaseOptions
 
 
 class SAM(SharpnessAware):
-    """Sharpness-aware minimization on every parameter (Foret et al. 2021): two passes per step.
+    """SAM on every parameter (Foret et al. 2021). Arguments: :class:`~lightning_slsam.methods.sam.SAMOptions`,
+    the step options (:class:`~lightning_slsam.step_options.StepOptions`), ``accumulate``, ``history_every``."""
 
-    Args:
-        rho: perturbation radius, in parameter-space L2 units (>= 0; default 0.05).
-        adaptive: ASAM's scale-invariant ascent ``rho T^2 g / ||T g||`` with ``T = |w| + eta`` on weights
-            and 1 on biases (Kwon et al. 2021); default False.
-        eta: ASAM's offset (>= 0; default 0.01), used when ``adaptive``.
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, **options: Any) -> None:
-        super().__init__(**options)
-        self._method = SAMMethod(rho, adaptive, eta)  # validates the arguments now, before training
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return self._method
+    options_class = SAMOptions
 
 
 class ASAM(SharpnessAware):
-    """Adaptive SAM (Kwon et al. 2021): ``e = rho T^2 g / ||T g||``, ``T = |w| + eta`` on weights, 1 on biases.
+    """Adaptive SAM (Kwon et al. 2021). Arguments: :class:`~lightning_slsam.methods.sam.ASAMOptions` and the
+    step options."""
 
-    Args:
-        rho: perturbation radius in the T-scaled space (>= 0; default 0.5, the paper's).
-        eta: offset in T (>= 0; default 0.01).
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(self, rho: float = 0.5, eta: float = 0.01, **options: Any) -> None:
-        super().__init__(**options)
-        self._method = SAMMethod(rho, adaptive=True, eta=eta)
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return self._method
+    options_class = ASAMOptions
 
 
 class SSAMF(SharpnessAware):
-    """SSAM-F (Mi et al. 2022): SAM's ascent masked to the elements with the largest empirical Fisher score.
+    """SSAM-F (Mi et al. 2022). Arguments: :class:`~lightning_slsam.methods.ssam.SSAMFOptions` and the step
+    options."""
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        sparsity: fraction of elements NOT perturbed, in [0, 1) (default 0.5).
-        num_samples: training samples whose per-sample gradients make the Fisher score (default 128).
-        update_every_epochs: refresh the mask at the start of every this-many epochs (default 1).
-        per_sample: ``"auto"`` (torch.func vmap, falling back to a loop), ``"vmap"`` or ``"loop"``.
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        sparsity: float = 0.5,
-        num_samples: int = 128,
-        update_every_epochs: int = 1,
-        per_sample: str = "auto",
-        **options: Any,
-    ) -> None:
-        super().__init__(**options)
-        self._args = {
-            "rho": rho,
-            "sparsity": sparsity,
-            "num_samples": num_samples,
-            "update_every_epochs": update_every_epochs,
-            "per_sample": per_sample,
-        }
-        SSAMFMethod(**self._args)  # validate now, before training
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return SSAMFMethod(**self._args)
+    options_class = SSAMFOptions
 
 
 class SSAMD(SharpnessAware):
-    """SSAM-D (Mi et al. 2022): SAM's ascent masked by a random mask evolved by drop-and-grow.
+    """SSAM-D (Mi et al. 2022). Arguments: :class:`~lightning_slsam.methods.ssam.SSAMDOptions` and the step
+    options."""
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        sparsity: fraction of elements NOT perturbed, in [0, 1) (default 0.5).
-        drop_rate: fraction of live elements replaced at a refresh, cosine-decayed over training (default 0.5).
-        update_every_epochs: refresh at the first step of every this-many epochs after the first (default 1).
-        drop: ``"gradient"`` (drop the smallest |g|, default) or ``"random"``.
-        grow: ``"random"`` (default) or ``"gradient"`` (grow the largest |g|).
-        seed: the mask generator's seed; None draws it from the global torch RNG (equal on every rank).
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        sparsity: float = 0.5,
-        drop_rate: float = 0.5,
-        update_every_epochs: int = 1,
-        drop: str = "gradient",
-        grow: str = "random",
-        seed: int | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(**options)
-        self._args = {
-            "rho": rho,
-            "sparsity": sparsity,
-            "drop_rate": drop_rate,
-            "update_every_epochs": update_every_epochs,
-            "drop": drop,
-            "grow": grow,
-        }
-        self.seed = seed
-        SSAMDMethod(**self._args, seed=0)  # type: ignore[arg-type]  # validate now, before training
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return SSAMDMethod(**self._args, seed=broadcast_seed(self.seed))  # type: ignore[arg-type]
+    options_class = SSAMDOptions
 
 
 class LayerwiseGNP(SharpnessAware):
-    """Layer-wise gradient-norm penalising (Lee 2025): perturb only the arms with the largest gradients.
+    """Layer-wise gradient-norm penalising (Lee 2025). Arguments:
+    :class:`~lightning_slsam.methods.lagnp.LayerwiseGNPOptions` and the step options (``arms`` defaults to
+    ``"block"``)."""
 
-    Pass 1 on every arm; the ``layer_fraction`` of arms with the largest gradient norms are perturbed and
-    are the only arms in pass 2; they get ``(1 - alpha) g(w) + alpha g(w + e)``, the rest ``g(w)``.
-
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        alpha: weight of g(w + e), in [0, 1] (default 0.8).
-        layer_fraction: share of arms perturbed, in (0, 1], at least one arm (default 0.1).
-        reselect_every: choose the arms every this many steps (default 1).
-        arms: ``"block"`` (default), ``"module"`` or ``"tensor"``.
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        alpha: float = 0.8,
-        layer_fraction: float = 0.1,
-        reselect_every: int = 1,
-        arms: str = "block",
-        **options: Any,
-    ) -> None:
-        super().__init__(arms=arms, **options)
-        self._args = (rho, alpha, layer_fraction, reselect_every)
-        LayerwiseGNPMethod(*self._args)  # validate now, before training
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return LayerwiseGNPMethod(*self._args)
+    options_class = LayerwiseGNPOptions
 
 
 class ARSAM(SharpnessAware):
-    """ARSAM (Deng & Pang 2025): SAM's gradient split as g(w) + PSF; the PSF is computed exactly on refresh
-    steps (two passes) and reused, decaying, on one-pass steps in between (docs/methods/arsam.md).
+    """ARSAM (Deng & Pang 2025). Arguments: :class:`~lightning_slsam.methods.arsam.ARSAMOptions` and the step
+    options."""
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        threshold: refresh when ||g|| has drifted by more than this fraction since the last refresh
-            (default 0.2; ``inf`` refreshes only every ``max_interval`` steps).
-        max_interval: refresh at least every this many steps (default 5).
-        mix_decay: the reused PSF is weighted ``mix_decay ** j`` on the j-th step after a refresh (default 0.7).
-        mix_steps: drop the PSF after this many reuse steps (default 6; None keeps it).
-        warmup_steps: refresh (plain SAM) on every step before this step (default 0).
-        warmup_epochs: refresh (plain SAM) on every step before this epoch (default 0).
-        last_arms: measure the drift on the last this-many arms only (default None: all).
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        threshold: float = 0.2,
-        max_interval: int = 5,
-        mix_decay: float = 0.7,
-        mix_steps: int | None = 6,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        last_arms: int | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(**options)
-        self._args = {
-            "rho": rho,
-            "threshold": threshold,
-            "max_interval": max_interval,
-            "mix_decay": mix_decay,
-            "mix_steps": mix_steps,
-            "warmup_steps": warmup_steps,
-            "warmup_epochs": warmup_epochs,
-            "last_arms": last_arms,
-        }
-        ARSAMMethod(**self._args)  # validate now, before training
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return ARSAMMethod(**self._args)
+    options_class = ARSAMOptions
 
 
 class LookSAM(SharpnessAware):
-    """LookSAM (Liu et al. 2022): a SAM step every ``k`` steps, reusing its orthogonal gradient in between.
+    """LookSAM (Liu et al. 2022). Arguments: :class:`~lightning_slsam.methods.looksam.LookSAMOptions` and the
+    step options."""
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        k: SAM-step interval (int >= 1; default 5); ``k=1`` is SAM.
-        alpha: weight of the reused component (>= 0; default 0.7).
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(self, rho: float = 0.05, k: int = 5, alpha: float = 0.7, **options: Any) -> None:
-        super().__init__(**options)
-        self._args = (rho, k, alpha)
-        LookSAMMethod(*self._args)
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return LookSAMMethod(*self._args)
+    options_class = LookSAMOptions
 
 
 class RST(SharpnessAware):
-    """Randomized SAM (the SL-SAM authors' baseline): a SAM step with probability ``p``, else a base step.
+    """Randomized SAM (the SL-SAM authors' baseline). Arguments: :class:`~lightning_slsam.methods.rst.RSTOptions`
+    and the step options."""
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        p: probability of a SAM step, in [0, 1] (default 0.5).
-        seed: the coin's seed; None draws it from the global torch RNG (equal on every rank).
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(self, rho: float = 0.05, p: float = 0.5, seed: int | None = None, **options: Any) -> None:
-        super().__init__(**options)
-        self._args = (rho, p)
-        self.seed = seed
-        RSTMethod(rho, p)
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        return RSTMethod(*self._args, seed=broadcast_seed(self.seed))
+    options_class = RSTOptions
 
 
 class SLSAM(SharpnessAware):
-    """Sparse-Layer SAM (Cheng et al. 2026): each step a bandit picks the arms that take part in both passes.
+    """Sparse-Layer SAM (Cheng et al. 2026). Arguments: :class:`~lightning_slsam.methods.slsam.SLSAMOptions`
+    and the step options (``arms``: ``"tensor"``, the paper's, by default)."""
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05; the paper fine-tunes with 0.01).
-        sparsity: the expected fraction of arms active per step, in (0, 1] (default 0.2, the paper's).
-        bandit_lr: Exp3 step size eta (>= 0; default 1e-3, the authors').
-        arms: ``"tensor"`` (default, the paper's), ``"module"`` or ``"block"``.
-        seed: the sampler's seed; None draws it from the global torch RNG (``seed_everything`` fixes it).
-        sampler: ``"exp3"`` (default, the paper's bandit) or ``"uniform"`` (random arms, fixed p = sparsity).
-        norm_scale: ``"raw"`` (default, faithful) or ``"running_mean"`` (scale-free bandit, see
-            :class:`~lightning_slsam.samplers.Exp3Sampler`).
-        top_fraction: sample only among the top ``ceil(top_fraction * N)`` of the N arms, in parameter
-            order (default 1.0: all arms, the paper's); the arms below never train. With ``arms="block"``
-            and ``sparsity`` then a fraction of the window, this is the low-cost setting: backward passes
-            stop at the window and pass 2 replays the forward below it (see
-            :class:`~lightning_slsam.samplers.TopArmsSampler`).
-        always_active: arms active on every step, outside the bandit (default none, the paper's): group
-            names ``"head"``, ``"norms"``, ``"biases"``, ``"vectors"`` (every tensor of at most one
-            dimension), ``"embeddings"``, or fnmatch patterns on parameter names (see
-            :mod:`lightning_slsam.arm_groups`). The bandit then samples the other arms with budget
-            ``sparsity`` times their count.
-        max_update_scale: None (default, the paper's) or a cap c >= 1: each active arm's optimizer update
-            is scaled by ``min(1 / p_i, c)``, p_i its sampling probability, so that rarely sampled arms
-            move as far per step as every-step ones (:class:`~lightning_slsam.methods.slsam.SLSAMMethod`).
-        options: ``bn_running_stats``, ``accumulate``, ``clip_grad_norm``, ... of :class:`SharpnessAware`.
-    """
-
-    def __init__(
-        self,
-        rho: float = 0.05,
-        sparsity: float = 0.2,
-        bandit_lr: float = 1e-3,
-        arms: str = "tensor",
-        seed: int | None = None,
-        sampler: str = "exp3",
-        norm_scale: str = "raw",
-        top_fraction: float = 1.0,
-        always_active: Sequence[str] | str | None = None,
-        max_update_scale: float | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(arms=arms, **options)
-        self.rho = check_rho(rho)
-        self.always_active = check_spec(always_active)
-        if max_update_scale is not None and not (
-            isinstance(max_update_scale, (int, float)) and 1.0 <= max_update_scale < float("inf")
-        ):
-            raise ValueError(f"max_update_scale: must be a finite number >= 1 or None, got {max_update_scale!r}")
-        self.max_update_scale = max_update_scale
-        _check_sparsity(sparsity)
-        is_number = isinstance(bandit_lr, (int, float)) and not isinstance(bandit_lr, bool)
-        if not (is_number and math.isfinite(bandit_lr) and bandit_lr >= 0.0):  # inf freezes the bandit, NaN poisons it
-            raise ValueError(f"bandit_lr: the bandit step size must be a finite number >= 0, got {bandit_lr!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        if norm_scale not in ("raw", "running_mean"):
-            raise ValueError(f"norm_scale: expected 'raw' or 'running_mean', got {norm_scale!r}")
-        self.sparsity = float(sparsity)
-        self.bandit_lr = float(bandit_lr)
-        self.seed = seed
-        self.sampler = sampler
-        if not (isinstance(top_fraction, (int, float)) and 0.0 < top_fraction <= 1.0):
-            raise ValueError(f"top_fraction: the sampled fraction of arms must lie in (0, 1], got {top_fraction!r}")
-        self.norm_scale = norm_scale
-        self.top_fraction = float(top_fraction)
-
-    def check_model(self, module: nn.Module) -> None:
-        if self.always_active:
-            self._pinned(module, build_arms(module, self.arms))
-
-    def _pinned(self, module: nn.Module, layout: ArmLayout) -> Tensor:
-        """The ``always_active`` arms of ``layout``; refused when they are every arm (nothing left to sample)."""
-        pinned = select_arms(module, layout, self.always_active)
-        if bool(pinned.all()):
-            raise ValueError(
-                f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left "
-                "to sample (use SAM)"
-            )
-        return pinned
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        seed = broadcast_seed(self.seed)  # every rank samples the same arms
-        pinned = self._pinned(self._module, layout) if self.always_active else None
-        free = len(layout) if pinned is None else int((~pinned).sum())
-        window = min(free, math.ceil(self.top_fraction * free - 1e-9))
-        if self.sampler == "uniform":
-            sampler: ArmSampler = UniformSampler(window, self.sparsity, seed=seed)
-        else:
-            sampler = Exp3Sampler(
-                window,
-                self.sparsity,
-                lr=self.bandit_lr,
-                seed=seed,
-                norm_scale=self.norm_scale,  # type: ignore[arg-type]
-            )
-        if window < free:
-            sampler = TopArmsSampler(sampler, free)
-        if pinned is not None:
-            sampler = PinnedArmsSampler(sampler, pinned)
-        method = SLSAMMethod(self.rho, sampler, max_update_scale=self.max_update_scale)
-        if self.sampler == "uniform":
-            method.name = "slsam_uniform"
-        return method
+    options_class = SLSAMOptions
 
 
-class SLSAMPlus(SLSAM):
-    """SL-SAM with its update scaled for the sampling rate by default: method ``slsam_plus``.
+class SLSAMPlus(SharpnessAware):
+    """SL-SAM with its update scaled for the sampling rate (``max_update_scale=5``): method ``slsam_plus``.
+    Arguments: :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
-    Plain SL-SAM updates each tensor on about a ``sparsity`` fraction of the steps, which on fine-tuning
-    lengths leaves it behind SAM (docs/results.md). ``slsam_plus`` keeps the sparse two-pass step, the paper's
-    bandit and its cost, and scales each sampled arm's optimizer update by ``min(1 / p_i, 5)``
-    (``max_update_scale=5``). Of the levers measured on the noisy-digits task (always-active head and 1-D tensors,
-    a scale-free bandit, the update scaling, and all three together) the update scaling alone was the best and the
-    steadiest over seeds; the others are still arguments. Every argument of :class:`SLSAM` can be set.
+    options_class = SLSAMPlusOptions
 
-    Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        sparsity: expected fraction of arms active per step (default 0.2, the paper's).
-        max_update_scale: default 5.0.
-        options: every other argument of :class:`SLSAM` (``always_active``, ``norm_scale``, ...).
-    """
 
-    def __init__(
-        self, rho: float = 0.05, sparsity: float = 0.2, max_update_scale: float | None = 5.0, **options: Any
-    ) -> None:
-        super().__init__(rho=rho, sparsity=sparsity, max_update_scale=max_update_scale, **options)
-
-    def build_method(self, layout: ArmLayout) -> Method:
-        method = super().build_method(layout)
-        method.name = "slsam_plus"
-        return method
+#: each method's callback class by the method's name
+CALLBACKS: dict[str, type[SharpnessAware]] = {
+    cls.options_class.name: cls
+    for cls in (Base, SAM, ASAM, SSAMF, SSAMD, LayerwiseGNP, ARSAM, LookSAM, RST, SLSAM, SLSAMPlus)
+}

@@ -1,147 +1,63 @@
-"""Structured-config schemas (dataclasses in Hydra's ConfigStore): the types of every method's keys.
+"""Structured-config schemas (dataclasses in Hydra's ConfigStore), generated from each method's one definition.
 
-Each ``conf/method/*.yaml`` starts from its schema (``defaults: [schema_<method>]``), so a value of the
-wrong type (``method.rho=abc``) or an unknown key fails at composition with the key named. Ranges are
-checked by the callbacks' own constructors, which the CLI runs before building anything else.
+The schema ``method/schema_<name>`` of a method has ``_target_`` (its callback), the step's options
+(:class:`~lightning_slsam.step_options.StepOptions`), the callbacks' own (``accumulate``, ``history_every``) and
+the method's arguments (its options class, :mod:`lightning_slsam.methods.registry`), with their types and
+defaults. Each ``conf/method/*.yaml`` starts from its schema (``defaults: [schema_<method>]``) and sets only what
+differs (``rho: ${rho}``), so a value of the wrong type (``method.rho=abc``) or an unknown key fails at
+composition with the key named; ranges are checked by the options' own constructors, which the CLI runs before
+building anything else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+import dataclasses
+import types
+import typing
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-
-@dataclass
-class CommonOptions:
-    """Options of every method callback (:class:`lightning_slsam.SharpnessAware`)."""
-
-    accumulate: int = 1
-    clip_grad_norm: Optional[float] = None  # noqa: UP045 - OmegaConf needs typing.Optional
-    clip_grad_value: Optional[float] = None  # noqa: UP045
-    bn_running_stats: str = "pass1"
-    check_ranks: bool = False
-    history_every: int = 1
-    reuse_prefix: bool = True
-    max_skipped_steps: Optional[int] = 50  # noqa: UP045 - steps skipped in a row (non-finite) that stop training
+from lightning_slsam.callback import CALLBACKS, LightningOptions
+from lightning_slsam.methods.registry import METHOD_OPTIONS
+from lightning_slsam.step_options import StepOptions
 
 
-@dataclass
-class PlainSchema(CommonOptions):
-    _target_: str = "lightning_slsam.Plain"
+def _omegaconf_type(annotation: Any) -> Any:
+    """``X | None`` as ``typing.Optional[X]``: OmegaConf reads the one, not the other."""
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return Optional[args[0]]  # noqa: UP045 - OmegaConf needs typing.Optional
+    return annotation
 
 
-@dataclass
-class SAMSchema(CommonOptions):
-    _target_: str = "lightning_slsam.SAM"
-    rho: float = 0.05
-    adaptive: bool = False
-    eta: float = 0.01
+def _fields(definition: type[Any]) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(definition)
+    out = []
+    for f in dataclasses.fields(definition):
+        if f.default is not dataclasses.MISSING:
+            default = dataclasses.field(default=f.default)
+        else:
+            default = dataclasses.field(default_factory=f.default_factory)  # type: ignore[arg-type]
+        out.append((f.name, _omegaconf_type(hints[f.name]), default))
+    return out
 
 
-@dataclass
-class ASAMSchema(CommonOptions):
-    _target_: str = "lightning_slsam.ASAM"
-    rho: float = 0.5
-    eta: float = 0.01
+def schema_for(name: str) -> type[Any]:
+    """The structured schema of method ``name``: a dataclass of ``_target_`` and every argument it takes."""
+    options = METHOD_OPTIONS[name]
+    callback = CALLBACKS[name]
+    step = _fields(StepOptions)
+    if options.default_arms != "tensor":
+        step = [(n, t, dataclasses.field(default=options.default_arms) if n == "arms" else d) for n, t, d in step]
+    target = ("_target_", str, dataclasses.field(default=f"lightning_slsam.{callback.__name__}"))
+    fields = [target, *_fields(LightningOptions), *step, *_fields(options)]
+    return dataclasses.make_dataclass(f"{callback.__name__}Schema", fields)
 
 
-@dataclass
-class SSAMFSchema(CommonOptions):
-    _target_: str = "lightning_slsam.SSAMF"
-    rho: float = 0.05
-    sparsity: float = 0.5
-    num_samples: int = 128
-    update_every_epochs: int = 1
-    per_sample: str = "auto"
-
-
-@dataclass
-class SSAMDSchema(CommonOptions):
-    _target_: str = "lightning_slsam.SSAMD"
-    rho: float = 0.05
-    sparsity: float = 0.5
-    drop_rate: float = 0.5
-    update_every_epochs: int = 1
-    drop: str = "gradient"
-    grow: str = "random"
-    seed: Optional[int] = None  # noqa: UP045
-
-
-@dataclass
-class LayerwiseGNPSchema(CommonOptions):
-    _target_: str = "lightning_slsam.LayerwiseGNP"
-    rho: float = 0.05
-    alpha: float = 0.8
-    layer_fraction: float = 0.1
-    reselect_every: int = 1
-    arms: str = "block"
-
-
-@dataclass
-class ARSAMSchema(CommonOptions):
-    _target_: str = "lightning_slsam.ARSAM"
-    rho: float = 0.05
-    threshold: float = 0.2
-    max_interval: int = 5
-    mix_decay: float = 0.7
-    mix_steps: Optional[int] = 6  # noqa: UP045
-    warmup_steps: int = 0
-    warmup_epochs: int = 0
-    last_arms: Optional[int] = None  # noqa: UP045
-
-
-@dataclass
-class LookSAMSchema(CommonOptions):
-    _target_: str = "lightning_slsam.LookSAM"
-    rho: float = 0.05
-    k: int = 5
-    alpha: float = 0.7
-
-
-@dataclass
-class RSTSchema(CommonOptions):
-    _target_: str = "lightning_slsam.RST"
-    rho: float = 0.05
-    p: float = 0.5
-    seed: Optional[int] = None  # noqa: UP045
-
-
-@dataclass
-class SLSAMSchema(CommonOptions):
-    _target_: str = "lightning_slsam.SLSAM"
-    rho: float = 0.05
-    sparsity: float = 0.2
-    bandit_lr: float = 1e-3
-    arms: str = "tensor"
-    seed: Optional[int] = None  # noqa: UP045
-    sampler: str = "exp3"
-    norm_scale: str = "raw"
-    top_fraction: float = 1.0
-    always_active: list[str] = field(default_factory=list)
-    max_update_scale: Optional[float] = None  # noqa: UP045
-
-
-@dataclass
-class SLSAMPlusSchema(SLSAMSchema):
-    _target_: str = "lightning_slsam.SLSAMPlus"
-    max_update_scale: Optional[float] = 5.0  # noqa: UP045
-
-
-METHOD_SCHEMAS: dict[str, type] = {
-    "plain": PlainSchema,
-    "sam": SAMSchema,
-    "asam": ASAMSchema,
-    "ssam_f": SSAMFSchema,
-    "ssam_d": SSAMDSchema,
-    "lagnp": LayerwiseGNPSchema,
-    "arsam": ARSAMSchema,
-    "looksam": LookSAMSchema,
-    "rst": RSTSchema,
-    "slsam": SLSAMSchema,
-    "slsam_plus": SLSAMPlusSchema,
-}
+#: the schema of every method, by name (``method/schema_<name>``)
+METHOD_SCHEMAS: dict[str, type[Any]] = {name: schema_for(name) for name in METHOD_OPTIONS}
 
 
 def register_schemas() -> None:

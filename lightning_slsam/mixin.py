@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor
 
 from lightning_slsam import module_conversion, pass_context, step_engine
-from lightning_slsam.callback import Plain, SharpnessAware, find_sharpness_callback
+from lightning_slsam.callback import Base, SharpnessAware, find_sharpness_callback
 from lightning_slsam.distributed import all_reduce_mean
 from lightning_slsam.lr_schedules import split_monitors, step_schedulers
 from lightning_slsam.skipped_steps import SkippedSteps, all_finite
@@ -62,7 +62,7 @@ class SharpnessAwareMixin:
 
     def configure_callbacks(self) -> list[Any]:
         """The module's own callbacks; without a sharpness-aware callback on the Trainer, also
-        :class:`~lightning_slsam.Plain`, so the module trains as the base optimizer.
+        :class:`~lightning_slsam.Base`, so the module trains as the base optimizer.
 
         (A module that overrides ``configure_callbacks`` without calling this still trains as the base
         optimizer, through a fallback step that does not step epoch-interval LR schedulers at the last epoch.)
@@ -71,7 +71,7 @@ class SharpnessAwareMixin:
 
     def _with_plain_fallback(self, callbacks: list[Any]) -> list[Any]:
         trainer = getattr(self, "_trainer", None)
-        return [*callbacks, Plain()] if trainer is not None and find_sharpness_callback(trainer) is None else callbacks
+        return [*callbacks, Base()] if trainer is not None and find_sharpness_callback(trainer) is None else callbacks
 
     @property
     def automatic_optimization(self) -> bool:

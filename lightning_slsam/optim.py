@@ -9,9 +9,9 @@ callback runs) and wraps a base optimizer the way the SAM implementations people
         opt.zero_grad()
 
 The step is the same :func:`lightning_slsam.step_engine.run_step` the Lightning mixin runs, so a plain loop and
-``Trainer.fit`` with the callback on the same data end with bitwise-equal weights (tests/test_optim.py). The
-method arguments are validated by the callback's own constructor and the method is built by its
-``method_for``: the two APIs cannot drift apart.
+``Trainer.fit`` with the callback on the same data end with bitwise-equal weights (tests/test_optim.py). Both
+take their arguments from the method's one definition, its options class (``methods/<method>.py``), and build the
+method with it: the two APIs cannot drift apart. This module imports no Lightning.
 
 Not here: SSAM-F (its Fisher score draws batches from the Trainer's dataloader; use the callback).
 """
@@ -19,6 +19,7 @@ Not here: SSAM-F (its Fisher score draws batches from the Trainer's dataloader; 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -28,13 +29,22 @@ import torch
 from torch import Tensor, nn
 
 from lightning_slsam import attention_inputs
-from lightning_slsam import callback as callbacks
 from lightning_slsam.arms import ArmLayout, build_arms
 from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
+from lightning_slsam.methods.arsam import ARSAMOptions
+from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.interface import Method
+from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
+from lightning_slsam.methods.looksam import LookSAMOptions
+from lightning_slsam.methods.options import MethodOptions
+from lightning_slsam.methods.rst import RSTOptions
+from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
+from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.ssam import SSAMDOptions
 from lightning_slsam.prefix_reuse import PrefixReuse
 from lightning_slsam.skipped_steps import SkippedSteps
 from lightning_slsam.step_engine import StepResult, batch_norms, frozen_running_stats, run_step
+from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
 __all__ = [
     "ARSAM",
@@ -43,9 +53,9 @@ __all__ = [
     "SAM",
     "SLSAM",
     "SSAMD",
+    "Base",
     "LayerwiseGNP",
     "LookSAM",
-    "Plain",
     "SLSAMPlus",
     "SharpnessAwareOptimizer",
 ]
@@ -58,7 +68,7 @@ _NOT_APPLICABLE = {
 
 
 class SharpnessAwareOptimizer:
-    """A sharpness-aware step around a base optimizer; subclasses name the method (``callback_class``).
+    """A sharpness-aware step around a base optimizer; subclasses name the method (``options_class``).
 
     Args:
         model: the ``nn.Module`` being trained (a Fabric- or DDP-wrapped module is unwrapped for its arms; a
@@ -71,16 +81,25 @@ class SharpnessAwareOptimizer:
         scaler: a ``torch.amp.GradScaler``: each loss is scaled before ``backward``, the per-arm norms the
             method sees are unscaled, and the update goes through ``scaler.step`` and ``scaler.update``
             (default None).
-        method_args: the arguments of the callback of the same name (``rho``, ``sparsity``, ``seed``, ``arms``,
-            ``bn_running_stats``, ``clip_grad_norm``, ``clip_grad_value``, ``reuse_prefix``,
-            ``max_skipped_steps``, ...), with the same defaults and checks; ``accumulate`` and ``history_every``
-            do not apply.
+        method_args: the method's arguments (its options class, e.g.
+            :class:`~lightning_slsam.methods.slsam.SLSAMOptions`: ``rho``, ``sparsity``, ``seed``, ...) and the
+            step's (:class:`~lightning_slsam.step_options.StepOptions`: ``arms``, ``bn_running_stats``,
+            ``clip_grad_norm``, ``clip_grad_value``, ``reuse_prefix``, ``max_skipped_steps``), the callback's
+            own defaults and checks; ``accumulate`` and ``history_every`` do not apply.
 
     Raises:
         ValueError: an argument is invalid; the message names it.
     """
 
-    callback_class: ClassVar[type[callbacks.SharpnessAware]] = callbacks.SharpnessAware
+    #: the method's one definition (arguments, defaults, checks, builder); set by each subclass
+    options_class: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = list(inspect.signature(SharpnessAwareOptimizer.__init__).parameters.values())[1:-1]
+        cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            own + keyword_parameters(cls.options_class, StepOptions)
+        )
 
     def __init__(
         self,
@@ -106,8 +125,12 @@ class SharpnessAwareOptimizer:
         for key, instead in _NOT_APPLICABLE.items():
             if key in method_args:
                 raise ValueError(f"{key}: does not apply to {name} (a plain-PyTorch optimizer): {instead}")
-        #: the callback of the same name: validated arguments and the method builder (never added to a Trainer)
-        self.config = self.callback_class(**method_args)
+        own, step = split_arguments(name, method_args, self.options_class, StepOptions)
+        #: the method's arguments, checked
+        self.options: MethodOptions = self.options_class(**own)
+        #: the shared step's options, checked
+        self.step_options = StepOptions(**step)
+        arms = self.step_options.arms or self.options_class.default_arms
         #: the wrappers around the model (Fabric, DistributedDataParallel), outermost first
         self._wrappers = _wrappers(model)
         self.model = self._wrappers.pop() if self._wrappers else model
@@ -115,19 +138,19 @@ class SharpnessAwareOptimizer:
         self.backward = backward
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         #: the model's arms (``arms`` argument)
-        self.layout: ArmLayout = build_arms(self.model, self.config.arms)
+        self.layout: ArmLayout = build_arms(self.model, arms)
         held = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
         if not any(id(p) in held for p in self.layout.params):
             raise ValueError(f"base_optimizer: it holds none of the model's trainable parameters ({name})")
-        #: the method (``lightning_slsam.methods``), built by the callback exactly as under the Trainer
-        self.method: Method = self.config.method_for(self.model, self.layout)
+        #: the method (``lightning_slsam.methods``), built from the options exactly as under the Trainer
+        self.method: Method = self.options.method_for(self.model, self.layout)
         self._batch_norms = batch_norms(self.model)
         self._hooks = attention_inputs.install(self.model)
         self.prefix_reuse: PrefixReuse | None = None
-        if self.config.reuse_prefix and self.method.sparse_pass_one:
-            self.prefix_reuse = PrefixReuse(self.model, replayable=self.config._replayable)
+        if self.step_options.reuse_prefix and self.method.sparse_pass_one:
+            self.prefix_reuse = PrefixReuse(self.model, replayable=self._replayable)
         #: steps skipped for non-finite gradients (the ``max_skipped_steps`` limit applies)
-        self.skipped = SkippedSteps(self.config.skipped.max_consecutive, owner=name)
+        self.skipped = SkippedSteps(self.step_options.max_skipped_steps, owner=name)
         #: ``step`` calls so far (taken or skipped)
         self.steps = 0
         #: what the last step did (losses, arms of both passes, passes, skipped), None before the first
@@ -152,8 +175,8 @@ class SharpnessAwareOptimizer:
             )
         for wrapper in self._wrappers:  # DDP: the step averages the gradients itself, as under the Trainer
             disable_ddp_sync(wrapper)
-        check_ranks = assert_same_arms if self.config.check_ranks else None
-        bn = self._batch_norms if self.config.bn_running_stats == "pass1" else []
+        check_ranks = assert_same_arms if self.step_options.check_ranks else None
+        bn = self._batch_norms if self.step_options.bn_running_stats == "pass1" else []
         result = run_step(
             self.layout,
             self.method,
@@ -230,6 +253,11 @@ class SharpnessAwareOptimizer:
             self.prefix_reuse.remove()
             self.prefix_reuse = None
 
+    def _replayable(self, module: nn.Module) -> bool:
+        """Pass 2 may skip ``module``'s call unless it is a BatchNorm that updates running stats in pass 2."""
+        bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats
+        return not (bn and self.step_options.bn_running_stats == "both")
+
     # --- what the engine calls -------------------------------------------------------------------------
     def _forward_backward(self, closure: Callable[[], Tensor], sam_pass: int) -> Tensor:
         with torch.enable_grad():
@@ -258,7 +286,7 @@ class SharpnessAwareOptimizer:
             self.base_optimizer.step()
 
     def _clip(self) -> None:
-        value, norm = self.config.clip_grad_value, self.config.clip_grad_norm
+        value, norm = self.step_options.clip_grad_value, self.step_options.clip_grad_norm
         if value is None and norm is None:
             return
         grads = [p for group in self.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -280,66 +308,65 @@ def _wrappers(model: nn.Module) -> list[nn.Module]:
     return chain if len(chain) > 1 else []
 
 
-class Plain(SharpnessAwareOptimizer):
-    """The base optimizer, one pass per step (method ``base``); arguments as :class:`lightning_slsam.Plain`."""
+class Base(SharpnessAwareOptimizer):
+    """The base optimizer, one pass per step (method ``base``); arguments as :class:`lightning_slsam.Base`."""
 
-    callback_class = callbacks.Plain
+    options_class = BaseOptions
 
 
 class SAM(SharpnessAwareOptimizer):
-    """SAM on every parameter (``rho``, ``adaptive``, ``eta``, ...): arguments as :class:`lightning_slsam.SAM`."""
+    """SAM on every parameter: arguments :class:`~lightning_slsam.methods.sam.SAMOptions` and the step options."""
 
-    callback_class = callbacks.SAM
+    options_class = SAMOptions
 
 
 class ASAM(SharpnessAwareOptimizer):
-    """Adaptive SAM (``rho``, ``eta``, ...): arguments as :class:`lightning_slsam.ASAM`."""
+    """Adaptive SAM: arguments :class:`~lightning_slsam.methods.sam.ASAMOptions` and the step options."""
 
-    callback_class = callbacks.ASAM
+    options_class = ASAMOptions
 
 
 class SSAMD(SharpnessAwareOptimizer):
-    """SSAM-D (``rho``, ``sparsity``, ``drop_rate``, ``seed``, ...): arguments as :class:`lightning_slsam.SSAMD`.
+    """SSAM-D: arguments :class:`~lightning_slsam.methods.ssam.SSAMDOptions` and the step options.
 
     Call :meth:`start_epoch` at the start of every epoch: the mask is refreshed there.
     """
 
-    callback_class = callbacks.SSAMD
+    options_class = SSAMDOptions
 
 
 class LayerwiseGNP(SharpnessAwareOptimizer):
-    """Layer-wise GNP (``rho``, ``alpha``, ``layer_fraction``, ...): arguments as
-    :class:`lightning_slsam.LayerwiseGNP`."""
+    """Layer-wise GNP: arguments :class:`~lightning_slsam.methods.lagnp.LayerwiseGNPOptions` and the step options."""
 
-    callback_class = callbacks.LayerwiseGNP
+    options_class = LayerwiseGNPOptions
 
 
 class ARSAM(SharpnessAwareOptimizer):
-    """ARSAM (``rho``, ``threshold``, ``max_interval``, ...): arguments as :class:`lightning_slsam.ARSAM`."""
+    """ARSAM: arguments :class:`~lightning_slsam.methods.arsam.ARSAMOptions` and the step options."""
 
-    callback_class = callbacks.ARSAM
+    options_class = ARSAMOptions
 
 
 class LookSAM(SharpnessAwareOptimizer):
-    """LookSAM (``rho``, ``k``, ``alpha``, ...): arguments as :class:`lightning_slsam.LookSAM`."""
+    """LookSAM: arguments :class:`~lightning_slsam.methods.looksam.LookSAMOptions` and the step options."""
 
-    callback_class = callbacks.LookSAM
+    options_class = LookSAMOptions
 
 
 class RST(SharpnessAwareOptimizer):
-    """Randomized SAM (``rho``, ``p``, ``seed``, ...): arguments as :class:`lightning_slsam.RST`."""
+    """Randomized SAM: arguments :class:`~lightning_slsam.methods.rst.RSTOptions` and the step options."""
 
-    callback_class = callbacks.RST
+    options_class = RSTOptions
 
 
 class SLSAM(SharpnessAwareOptimizer):
-    """Sparse-Layer SAM (``rho``, ``sparsity``, ``bandit_lr``, ``seed``, ``arms``, ...): arguments as
-    :class:`lightning_slsam.SLSAM`."""
+    """Sparse-Layer SAM: arguments :class:`~lightning_slsam.methods.slsam.SLSAMOptions` and the step options."""
 
-    callback_class = callbacks.SLSAM
+    options_class = SLSAMOptions
 
 
 class SLSAMPlus(SharpnessAwareOptimizer):
-    """SL-SAM with its update scaled for the sampling rate: arguments as :class:`lightning_slsam.SLSAMPlus`."""
+    """SL-SAM with its update scaled for the sampling rate: arguments
+    :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
-    callback_class = callbacks.SLSAMPlus
+    options_class = SLSAMPlusOptions

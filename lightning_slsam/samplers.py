@@ -18,12 +18,11 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_slsam.argument_checks import check_choice, check_fraction, check_number
+
 NormScale = Literal["raw", "running_mean"]
-
-
-def _check_sparsity(sparsity: float) -> None:
-    if not 0.0 < sparsity <= 1.0:
-        raise ValueError(f"sparsity: must lie in (0, 1], got {sparsity!r}")
+#: ``norm_scale`` values of :class:`Exp3Sampler`
+NORM_SCALES: tuple[str, ...] = ("raw", "running_mean")
 
 
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -109,7 +108,7 @@ class UniformSampler(_BernoulliSampler):
     def __init__(
         self, num_arms: int, sparsity: float, seed: int | None = None, device: torch.device | str = "cpu"
     ) -> None:
-        _check_sparsity(sparsity)
+        check_fraction("sparsity", sparsity)
         super().__init__(num_arms, seed, device)
         self.sparsity = float(sparsity)
         self.probs.fill_(self.sparsity)
@@ -302,13 +301,12 @@ class Exp3Sampler(_BernoulliSampler):
         norm_momentum: float = 0.99,
         device: torch.device | str = "cpu",
     ) -> None:
-        _check_sparsity(sparsity)
-        if not 0.0 <= lr < float("inf"):  # inf would freeze the bandit at once, NaN would poison it
-            raise ValueError(f"lr: the bandit step size must be a finite number >= 0, got {lr!r}")
+        check_fraction("sparsity", sparsity)
+        # inf would freeze the bandit at once, NaN would poison it
+        check_number("lr", lr, minimum=0.0, what="the bandit step size")
         if not 0.0 < min_prob <= sparsity:
             raise ValueError(f"min_prob: must lie in (0, sparsity], got {min_prob!r}")
-        if norm_scale not in ("raw", "running_mean"):
-            raise ValueError(f"norm_scale: expected 'raw' or 'running_mean', got {norm_scale!r}")
+        check_choice("norm_scale", norm_scale, NORM_SCALES)
         if not 0.0 <= norm_momentum < 1.0:
             raise ValueError(f"norm_momentum: must lie in [0, 1), got {norm_momentum!r}")
         super().__init__(num_arms, seed, device)

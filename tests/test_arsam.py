@@ -22,8 +22,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import SAM, PassOne, Plain, SharpnessAware, build_arms
-from lightning_slsam.methods.arsam import ARSAMMethod
+from lightning_slsam import SAM, Base, PassOne, SharpnessAware, build_arms
+from lightning_slsam.methods.arsam import ARSAMOptions, ARSAMMethod
 
 LR = 1e-2  # TinyNet's defaults, which the reference copies
 WEIGHT_DECAY = 0.1
@@ -193,7 +193,7 @@ def test_reuse_is_not_sam(make_module, make_trainer, tiny_loader) -> None:
 def test_rho_zero_is_the_base_optimizer(make_module, make_trainer, tiny_loader) -> None:
     """rho = 0: w + e = w, so every PSF is exactly 0 and each step gives the optimizer g(w)."""
     plain, arsam = make_module(), make_module()
-    make_trainer(callbacks=[Plain()], max_steps=6).fit(plain, tiny_loader)
+    make_trainer(callbacks=[Base()], max_steps=6).fit(plain, tiny_loader)
     _, counter = fit(arsam, tiny_loader, make_trainer, 6, rho=0.0, threshold=math.inf, max_interval=3)
     assert counter.passes == [2, 1, 1, 2, 1, 1]
     assert_models_equal(arsam, plain)
@@ -353,7 +353,7 @@ def test_short_fit_with_defaults_has_finite_loss(make_module, make_trainer, tiny
 )
 def test_bad_arguments_raise_naming_the_argument(argument: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"^{argument}:"):
-        ARSAMMethod(**{argument: value})
+        ARSAMOptions(**{argument: value})
 
 
 def test_last_arms_measures_only_the_last_arms() -> None:

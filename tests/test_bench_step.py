@@ -72,7 +72,7 @@ def test_method_names(bench):
     assert "slsam-0.2-block" in bench.expand_methods(["all"])
     assert bench.expand_methods(["base", "slsam-0.5-module", "base"]) == ["base", "slsam-0.5-module"]
     callback = bench.make_callback("slsam_uniform-0.3-block")
-    assert (callback.sparsity, callback.arms, callback.sampler) == (0.3, "block", "uniform")
+    assert (callback.options.sparsity, callback.arms, callback.options.sampler) == (0.3, "block", "uniform")
     low_cost = bench.make_callback("slsam-0.5-block-top0.5-noreuse")
     assert (low_cost.sparsity, low_cost.arms, low_cost.top_fraction, low_cost.reuse_prefix) == (
         0.5,

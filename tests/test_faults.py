@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_slsam import ARSAM, ASAM, RST, SAM, SLSAM, SSAMD, SSAMF, LayerwiseGNP, LookSAM, Plain
+from lightning_slsam import ARSAM, ASAM, RST, SAM, SLSAM, SSAMD, SSAMF, Base, LayerwiseGNP, LookSAM
 from lightning_slsam.callback import SharpnessAware
 from lightning_slsam.skipped_steps import NonFiniteTrainingError
 
@@ -38,7 +38,7 @@ FAULT_BATCH = 3  # the first batch of epoch 1: every method has state by then (S
 # LookSAM and ARSAM refresh at steps 0 and 3, RST's coin (seed 1) says SAM at step 3, SSAM-D's first
 # drop-and-grow is the first step of epoch 1.
 METHODS: dict[str, Callable[[], SharpnessAware]] = {
-    "base": Plain,
+    "base": Base,
     "sam": lambda: SAM(rho=RHO),
     "asam": lambda: ASAM(rho=0.5),
     "slsam": lambda: SLSAM(rho=RHO, sparsity=0.5, seed=0),

@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import SAM, SLSAM, Plain
+from lightning_slsam import SAM, SLSAM, Base
 from lightning_slsam.callback import SharpnessAware
 from lightning_slsam.distributed import check_strategy
 
@@ -287,7 +287,7 @@ def test_automatic_only_trainer_flags_are_refused(flags: dict[str, Any], pattern
 ACCUMULATING: dict[str, Callable[..., SharpnessAware]] = {
     "sam": lambda **kw: SAM(rho=RHO, **kw),
     "slsam": lambda **kw: SLSAM(rho=RHO, sparsity=0.5, seed=0, **kw),
-    "plain": lambda **kw: Plain(**kw),
+    "plain": lambda **kw: Base(**kw),
 }
 
 
@@ -597,7 +597,7 @@ class TwoOptimizers(TinyNet):
         return [torch.optim.AdamW(first, lr=LR), torch.optim.SGD(second, lr=LR)]
 
 
-@pytest.mark.parametrize("make_callback", [lambda: SLSAM(seed=0), SAM, Plain], ids=["slsam", "sam", "plain"])
+@pytest.mark.parametrize("make_callback", [lambda: SLSAM(seed=0), SAM, Base], ids=["slsam", "sam", "plain"])
 def test_two_optimizers_are_refused(make_callback) -> None:
     module = TwoOptimizers()
     before = snapshot(module)
@@ -652,7 +652,7 @@ def test_probability_history_every_k_steps() -> None:
 
 
 @pytest.mark.parametrize(
-    "make_callback", [lambda: SLSAM(seed=0, history_every=0), SAM, Plain], ids=["slsam-every-0", "sam", "plain"]
+    "make_callback", [lambda: SLSAM(seed=0, history_every=0), SAM, Base], ids=["slsam-every-0", "sam", "plain"]
 )
 def test_no_probability_history(make_callback) -> None:
     callback = make_callback()

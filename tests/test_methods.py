@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import ASAM, RST, SAM, SLSAM, LayerwiseGNP, LookSAM, Plain, SharpnessAware
+from lightning_slsam import ASAM, RST, SAM, SLSAM, Base, LayerwiseGNP, LookSAM, SharpnessAware
 
 LR = 1e-2  # TinyNet's defaults, which the references copy
 WEIGHT_DECAY = 0.1
@@ -388,7 +388,7 @@ def test_rst_p1_equals_sam_bitwise(make_trainer, tiny_loader, sam_run) -> None:
 def test_rst_p0_equals_plain_bitwise(make_trainer, tiny_loader) -> None:
     rst = RST(rho=RHO, p=0.0, seed=0)
     rst_module, ref, recorder, _ = fit(make_trainer, rst, tiny_loader, 4)
-    plain_module, _, plain_recorder, _ = fit(make_trainer, Plain(), tiny_loader, 4)
+    plain_module, _, plain_recorder, _ = fit(make_trainer, Base(), tiny_loader, 4)
     assert recorder.passes == plain_recorder.passes == [1] * 4 and rst.method.sam_steps == 0
     assert_models_equal(rst_module, plain_module)
     reference_adamw(ref, take(tiny_loader, 4))
@@ -434,7 +434,7 @@ def test_asam_callback_equals_adaptive_sam_and_reference(make_trainer, tiny_load
 # --- 5. every method callback trains, logs and resumes -------------------------------------------------------------
 SMOKE: dict[str, tuple[Callable[[], SharpnessAware], list[int] | None]] = {
     # name: (callback factory, compute_loss calls per step over 4 steps, None where the method's coin decides)
-    "plain": (Plain, [1, 1, 1, 1]),
+    "plain": (Base, [1, 1, 1, 1]),
     "sam": (SAM, [2, 2, 2, 2]),
     "asam": (ASAM, [2, 2, 2, 2]),
     "lagnp": (LayerwiseGNP, [2, 2, 2, 2]),

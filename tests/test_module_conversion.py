@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import SAM, SLSAM, SSAMF, Plain, SharpnessAwareMixin
+from lightning_slsam import SAM, SLSAM, SSAMF, Base, SharpnessAwareMixin
 
 STEPS = 4
 RHO = 0.2
@@ -31,7 +31,7 @@ LR, WEIGHT_DECAY = 1e-2, 0.1  # TinyNet's defaults
 METHODS: dict[str, Callable[[], Any]] = {
     "sam": lambda: SAM(rho=RHO),
     "slsam": lambda: SLSAM(rho=RHO, sparsity=0.5, seed=3),
-    "base": Plain,
+    "base": Base,
 }
 
 
@@ -356,6 +356,6 @@ def test_inherited_callbacks_and_plateau_monitor_are_kept(order: str, with_callb
     fitted = trainer(callbacks, max_steps=-1, max_epochs=2)
     fitted.fit(module, loader())
     assert module.recorder.batches == 2 * STEPS  # the module's own callback ran
-    sharpness = [c for c in fitted.callbacks if isinstance(c, (SAM, Plain))]
+    sharpness = [c for c in fitted.callbacks if isinstance(c, (SAM, Base))]
     assert len(sharpness) == 1 and sharpness[0].passes_sum == (2 if with_callback else 1) * 2 * STEPS
     assert module.plateau.last_epoch == 2  # stepped once per epoch on the monitored user/loss

@@ -30,7 +30,7 @@ BATCHES = 3  # per epoch: 48 points in batches of 16
 
 # (name, arguments): every method of lightning_slsam.optim, with seeds where it draws at random
 METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("Plain", {}),
+    ("Base", {}),
     ("SAM", {"rho": 0.1}),
     ("ASAM", {"rho": 0.5}),
     ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3}),

@@ -23,8 +23,8 @@ from lightning_slsam import (
     SAM,
     SLSAM,
     ArmSampler,
+    Base,
     FixedSampler,
-    Plain,
     SharpnessAware,
     SharpnessAwareMixin,
     SLSAMMethod,
@@ -105,7 +105,7 @@ class FixedSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         mask = torch.tensor([name in self.active_names for name in layout.names])
         assert int(mask.sum()) == len(self.active_names), (layout.names, self.active_names)
-        return SLSAMMethod(self.rho, FixedSampler(len(layout), mask))
+        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask))
 
 
 class ScheduledSampler(ArmSampler):
@@ -132,7 +132,7 @@ class ScheduledSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         everything = torch.ones(len(layout), dtype=torch.bool)
         mask = torch.tensor([name in self.active_names for name in layout.names])
-        return SLSAMMethod(self.rho, ScheduledSampler([everything, mask]))
+        return SLSAMMethod(self.options.rho, ScheduledSampler([everything, mask]))
 
 
 # --- references ---------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_slsam_sampled_arms_match_reference(make_module, make_trainer, tiny_load
 def test_sam_rho_zero_equals_plain_training(make_module, make_trainer, tiny_loader) -> None:
     no_callback, plain, sam = make_module(), make_module(), make_module()
     make_trainer(max_steps=STEPS).fit(no_callback, tiny_loader)
-    make_trainer(callbacks=[Plain()], max_steps=STEPS).fit(plain, tiny_loader)
+    make_trainer(callbacks=[Base()], max_steps=STEPS).fit(plain, tiny_loader)
     make_trainer(callbacks=[SAM(rho=0.0)], max_steps=STEPS).fit(sam, tiny_loader)
     assert_models_equal(plain, no_callback)
     assert_models_equal(sam, no_callback)
@@ -454,7 +454,7 @@ def test_module_without_mixin_is_refused(make_trainer, tiny_loader) -> None:
         make_trainer(callbacks=[SLSAM()]).fit(NotMixin(), tiny_loader)
 
 
-@pytest.mark.parametrize("make_callback", [SAM, SLSAM, Plain, None], ids=["sam", "slsam", "plain", "no-callback"])
+@pytest.mark.parametrize("make_callback", [SAM, SLSAM, Base, None], ids=["sam", "slsam", "plain", "no-callback"])
 def test_module_without_compute_loss_is_refused(make_trainer, tiny_loader, make_callback) -> None:
     callbacks = [] if make_callback is None else [make_callback()]
     module = NoComputeLoss()
@@ -533,7 +533,7 @@ def test_logging_with_fixed_arms(make_module, make_trainer, tiny_loader) -> None
 
 # --- 11. every callback trains ------------------------------------------------------------------------------------
 SMOKE: dict[str, Callable[[], SharpnessAware]] = {
-    "plain": Plain,
+    "plain": Base,
     "sam": SAM,
     "asam": lambda: SAM(adaptive=True),
     "slsam": lambda: SLSAM(seed=0),

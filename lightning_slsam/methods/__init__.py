@@ -1,10 +1,10 @@
 """One file per method, all on the interface of :mod:`lightning_slsam.methods.interface`."""
 
 from lightning_slsam.methods.arsam import ARSAMMethod
+from lightning_slsam.methods.base import BaseMethod
 from lightning_slsam.methods.interface import Method, PassOne
 from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
 from lightning_slsam.methods.looksam import LookSAMMethod
-from lightning_slsam.methods.plain import PlainMethod
 from lightning_slsam.methods.rst import RSTMethod
 from lightning_slsam.methods.sam import SAMMethod
 from lightning_slsam.methods.slsam import SLSAMMethod
@@ -12,11 +12,11 @@ from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
 
 __all__ = [
     "ARSAMMethod",
+    "BaseMethod",
     "LayerwiseGNPMethod",
     "LookSAMMethod",
     "Method",
     "PassOne",
-    "PlainMethod",
     "RSTMethod",
     "SAMMethod",
     "SLSAMMethod",

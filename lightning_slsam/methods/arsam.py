@@ -18,6 +18,7 @@ See ``docs/methods/arsam.md`` for the equations, the defaults and what was infer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,24 +26,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_slsam.argument_checks import check_fraction, check_int, check_number, check_rho
 from lightning_slsam.arms import ArmLayout
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.perturbation import NORM_EPS, tensor_norms
 
 
-def _check_int(name: str, value: Any, minimum: int, what: str) -> int:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{name}: {what} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-class ARSAMMethod(Method):
-    """ARSAM on the shared step: SAM on refresh steps, ``g + beta^k PSF`` on the one-pass steps between them.
+@dataclasses.dataclass(frozen=True)
+class ARSAMOptions(MethodOptions):
+    """ARSAM (Deng & Pang 2025): SAM's gradient split as g(w) + PSF; the PSF is computed exactly on refresh
+    steps (two passes) and reused, decaying, on one-pass steps in between (docs/methods/arsam.md).
 
     Args:
         rho: perturbation radius of the refresh steps (>= 0; default 0.05).
         threshold: refresh when the ratio ``||PSF|| / ||g||`` has changed by more than this fraction since the
-            last refresh (>= 0; ``math.inf`` turns the adaptive test off; default 0.2). Deciding reads one
+            last refresh (>= 0; ``inf`` turns the adaptive test off; default 0.2). Deciding reads one
             boolean from the device on steps where the test runs (not on forced refreshes).
         max_interval: at most this many steps from one refresh to the next, i.e. at most
             ``max_interval - 1`` one-pass steps in a row (int >= 1; 1 is SAM; default 5).
@@ -59,6 +58,39 @@ class ARSAMMethod(Method):
 
     name = "arsam"
 
+    rho: float = 0.05
+    threshold: float = 0.2
+    max_interval: int = 5
+    mix_decay: float = 0.7
+    mix_steps: int | None = 6
+    warmup_steps: int = 0
+    warmup_epochs: int = 0
+    last_arms: int | None = None
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        what = "the ratio-drift threshold"
+        self._set("threshold", check_number("threshold", self.threshold, minimum=0.0, allow_inf=True, what=what))
+        check_int("max_interval", self.max_interval, 1, what="the longest distance between refreshes")
+        what = "the decay of the reused PSF"
+        self._set("mix_decay", check_fraction("mix_decay", self.mix_decay, low_open=False, what=what))
+        check_int("mix_steps", self.mix_steps, 0, optional=True, what="the number of one-pass steps that mix the PSF")
+        check_int("warmup_steps", self.warmup_steps, 0, what="the number of warm-up steps")
+        check_int("warmup_epochs", self.warmup_epochs, 0, what="the number of warm-up epochs")
+        check_int("last_arms", self.last_arms, 1, optional=True, what="the number of arms measured")
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return ARSAMMethod(**self.as_dict())
+
+
+class ARSAMMethod(Method):
+    """ARSAM on the shared step: SAM on refresh steps, ``g + beta^k PSF`` on the one-pass steps between them.
+
+    Arguments: :class:`ARSAMOptions`.
+    """
+
+    name = "arsam"
+
     def __init__(
         self,
         rho: float = 0.05,
@@ -71,17 +103,6 @@ class ARSAMMethod(Method):
         last_arms: int | None = None,
     ) -> None:
         super().__init__(rho)
-        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold >= 0.0):
-            raise ValueError(f"threshold: the ratio-drift threshold must be a number >= 0 (or inf), got {threshold!r}")
-        _check_int("max_interval", max_interval, 1, "the longest distance between refreshes")
-        if not (isinstance(mix_decay, (int, float)) and not isinstance(mix_decay, bool) and 0.0 <= mix_decay <= 1.0):
-            raise ValueError(f"mix_decay: the decay of the reused PSF must lie in [0, 1], got {mix_decay!r}")
-        if mix_steps is not None:
-            _check_int("mix_steps", mix_steps, 0, "the number of one-pass steps that mix the PSF")
-        _check_int("warmup_steps", warmup_steps, 0, "the number of warm-up steps")
-        _check_int("warmup_epochs", warmup_epochs, 0, "the number of warm-up epochs")
-        if last_arms is not None:
-            _check_int("last_arms", last_arms, 1, "the number of arms measured")
         self.threshold = float(threshold)
         self.max_interval = max_interval
         self.mix_decay = float(mix_decay)

@@ -35,13 +35,6 @@ from lightning_slsam.arms import ArmLayout
 from lightning_slsam.perturbation import sam_perturbation
 
 
-def check_rho(rho: float) -> float:
-    """Validate the perturbation radius; errors name the argument."""
-    if not (isinstance(rho, (int, float)) and rho >= 0.0 and rho != float("inf")):
-        raise ValueError(f"rho: the perturbation radius must be a finite number >= 0, got {rho!r}")
-    return float(rho)
-
-
 @dataclass
 class PassOne:
     """What pass 1 measured, handed to the method's decisions.
@@ -94,7 +87,7 @@ class Method:
     sparse_pass_one: ClassVar[bool] = False
 
     def __init__(self, rho: float) -> None:
-        self.rho = check_rho(rho)
+        self.rho = float(rho)  # checked by the method's options (methods/options.py)
         self.layout: ArmLayout | None = None
         self.all_arms: Tensor = torch.ones(0, dtype=torch.bool)
 

@@ -8,22 +8,54 @@ the second backward stops early when they sit near the output. Their gradient is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_slsam.argument_checks import check_fraction, check_int, check_rho
+from lightning_slsam.arms import ArmLayout
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.options import MethodOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseGNPOptions(MethodOptions):
+    """Layer-wise gradient-norm penalising (Lee 2025): perturb only the arms with the largest gradients.
+
+    Pass 1 on every arm; the ``layer_fraction`` of arms with the largest gradient norms are perturbed and
+    are the only arms in pass 2; they get ``(1 - alpha) g(w) + alpha g(w + e)``, the rest ``g(w)``. Its arms
+    default to ``"block"`` (the step option ``arms``).
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        alpha: weight of g(w + e), in [0, 1] (default 0.8).
+        layer_fraction: share of arms perturbed, in (0, 1]; ``max(1, round(fraction * N))`` arms (default 0.1).
+        reselect_every: choose the arms again every this many steps, reusing the choice in between (default 1).
+    """
+
+    name = "lagnp"
+    default_arms = "block"
+
+    rho: float = 0.05
+    alpha: float = 0.8
+    layer_fraction: float = 0.1
+    reselect_every: int = 1
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        self._set("alpha", check_fraction("alpha", self.alpha, low_open=False, what="the weight of g(w + e)"))
+        self._set("layer_fraction", check_fraction("layer_fraction", self.layer_fraction))
+        check_int("reselect_every", self.reselect_every, 1)
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return LayerwiseGNPMethod(self.rho, self.alpha, self.layer_fraction, self.reselect_every)
 
 
 class LayerwiseGNPMethod(Method):
-    """Args:
-    rho: perturbation radius (>= 0; default 0.05).
-    alpha: weight of g(w + e) in the chosen arms' gradient, in [0, 1] (default 0.8).
-    layer_fraction: share of arms perturbed, in (0, 1]; ``max(1, round(fraction * N))`` arms (default 0.1).
-    reselect_every: choose the arms again every this many steps, reusing the choice in between (default 1).
-    """
+    """Layer-wise GNP on the shared step; arguments: :class:`LayerwiseGNPOptions`."""
 
     name = "lagnp"
 
@@ -31,12 +63,6 @@ class LayerwiseGNPMethod(Method):
         self, rho: float = 0.05, alpha: float = 0.8, layer_fraction: float = 0.1, reselect_every: int = 1
     ) -> None:
         super().__init__(rho)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha: the weight of g(w + e) must lie in [0, 1], got {alpha!r}")
-        if not 0.0 < layer_fraction <= 1.0:
-            raise ValueError(f"layer_fraction: must lie in (0, 1], got {layer_fraction!r}")
-        if not (isinstance(reselect_every, int) and reselect_every >= 1):
-            raise ValueError(f"reselect_every: must be an int >= 1, got {reselect_every!r}")
         self.alpha = float(alpha)
         self.layer_fraction = float(layer_fraction)
         self.reselect_every = reselect_every

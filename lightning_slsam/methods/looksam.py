@@ -7,31 +7,53 @@ In between, one pass and the optimizer sees ``g + alpha (||g|| / ||g_v||) g_v`` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_slsam.argument_checks import check_int, check_number, check_rho
+from lightning_slsam.arms import ArmLayout
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.options import MethodOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class LookSAMOptions(MethodOptions):
+    """LookSAM (Liu et al. 2022): a SAM step every ``k`` steps, reusing its orthogonal gradient in between.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        k: SAM-step interval, the first step included (int >= 1; default 5); ``k=1`` is SAM.
+        alpha: weight of the reused orthogonal component (>= 0; default 0.7).
+    """
+
+    name = "looksam"
+
+    rho: float = 0.05
+    k: int = 5
+    alpha: float = 0.7
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        check_int("k", self.k, 1, what="the SAM-step interval")
+        self._set("alpha", check_number("alpha", self.alpha, minimum=0.0))
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return LookSAMMethod(self.rho, self.k, self.alpha)
+
 
 _EPS = 1e-12
 
 
 class LookSAMMethod(Method):
-    """Args:
-    rho: perturbation radius (>= 0; default 0.05).
-    k: a SAM step every k steps, the first one included (int >= 1; default 5). ``k=1`` is SAM.
-    alpha: weight of the reused orthogonal component (>= 0; default 0.7).
-    """
+    """LookSAM on the shared step; arguments: :class:`LookSAMOptions`."""
 
     name = "looksam"
 
     def __init__(self, rho: float = 0.05, k: int = 5, alpha: float = 0.7) -> None:
         super().__init__(rho)
-        if not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"k: the SAM-step interval must be an int >= 1, got {k!r}")
-        if not alpha >= 0.0:
-            raise ValueError(f"alpha: must be >= 0, got {alpha!r}")
         self.k = k
         self.alpha = float(alpha)
         self.steps = 0

@@ -6,27 +6,52 @@ Each step is a SAM step with probability ``p`` and a plain base step otherwise (
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_slsam.argument_checks import check_fraction, check_rho, check_seed
+from lightning_slsam.arms import ArmLayout
+from lightning_slsam.distributed import broadcast_seed
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.options import MethodOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class RSTOptions(MethodOptions):
+    """Randomized SAM (the SL-SAM authors' baseline): a SAM step with probability ``p``, else a base step.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        p: probability of a SAM step, in [0, 1] (default 0.5).
+        seed: the coin's seed; None draws it from the global torch RNG (equal on every rank).
+    """
+
+    name = "rst"
+
+    rho: float = 0.05
+    p: float = 0.5
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        self._set("p", check_fraction("p", self.p, low_open=False, what="the probability of a SAM step"))
+        check_seed("seed", self.seed)
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return RSTMethod(self.rho, self.p, seed=broadcast_seed(self.seed))
 
 
 class RSTMethod(Method):
-    """Args:
-    rho: perturbation radius (>= 0; default 0.05).
-    p: probability of a SAM step, in [0, 1] (default 0.5).
-    seed: seed of the coin (the callback passes one that is equal on every rank).
-    """
+    """Randomized SAM on the shared step; arguments: :class:`RSTOptions` (``seed`` here is the coin's resolved
+    seed, equal on every rank)."""
 
     name = "rst"
 
     def __init__(self, rho: float = 0.05, p: float = 0.5, seed: int = 0) -> None:
         super().__init__(rho)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: the probability of a SAM step must lie in [0, 1], got {p!r}")
         self.p = float(p)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.sam_steps = 0

@@ -2,28 +2,71 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lightning_slsam.argument_checks import check_bool, check_number, check_rho
 from lightning_slsam.arms import ArmLayout
 from lightning_slsam.methods.interface import Method
+from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.perturbation import adaptive_perturbation
 
 
-class SAMMethod(Method):
-    """SAM: ``e = rho g / ||g||`` over all arms; the optimizer sees g(w + e).
+@dataclasses.dataclass(frozen=True)
+class SAMOptions(MethodOptions):
+    """Sharpness-aware minimization on every parameter (Foret et al. 2021): two passes per step.
 
     Args:
-        rho: perturbation radius (>= 0; default 0.05).
-        adaptive: use ASAM's scale-invariant ascent ``rho T^2 g / ||T g||``, ``T = |w| + eta`` on weights.
-        eta: ASAM's offset in T (>= 0; default 0.01); ignored unless ``adaptive``.
+        rho: perturbation radius, in parameter-space L2 units (>= 0; default 0.05).
+        adaptive: ASAM's scale-invariant ascent ``rho T^2 g / ||T g||`` with ``T = |w| + eta`` on weights
+            and 1 on biases (Kwon et al. 2021); default False.
+        eta: ASAM's offset (>= 0; default 0.01), used when ``adaptive``.
     """
+
+    name = "sam"
+
+    rho: float = 0.05
+    adaptive: bool = False
+    eta: float = 0.01
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        self._set("adaptive", check_bool("adaptive", self.adaptive))
+        self._set("eta", check_number("eta", self.eta, minimum=0.0, what="ASAM's offset"))
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return SAMMethod(self.rho, self.adaptive, self.eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ASAMOptions(MethodOptions):
+    """Adaptive SAM (Kwon et al. 2021): ``e = rho T^2 g / ||T g||``, ``T = |w| + eta`` on weights, 1 on biases.
+
+    Args:
+        rho: perturbation radius in the T-scaled space (>= 0; default 0.5, the paper's).
+        eta: offset in T (>= 0; default 0.01).
+    """
+
+    name = "asam"
+
+    rho: float = 0.5
+    eta: float = 0.01
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        self._set("eta", check_number("eta", self.eta, minimum=0.0, what="ASAM's offset"))
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return SAMMethod(self.rho, adaptive=True, eta=self.eta)
+
+
+class SAMMethod(Method):
+    """SAM: ``e = rho g / ||g||`` over all arms; the optimizer sees g(w + e). Arguments: :class:`SAMOptions`."""
 
     def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01) -> None:
         super().__init__(rho)
-        if not eta >= 0.0:
-            raise ValueError(f"eta: ASAM's offset must be >= 0, got {eta!r}")
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
         self.name = "asam" if adaptive else "sam"

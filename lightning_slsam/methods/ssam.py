@@ -20,6 +20,7 @@ See ``docs/methods/ssam.md`` for the update rule, costs and where this departs f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,9 +34,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_slsam.argument_checks import check_choice, check_fraction, check_int, check_rho, check_seed
 from lightning_slsam.arms import ArmLayout
 from lightning_slsam.distributed import all_reduce_mean, broadcast_seed
 from lightning_slsam.methods.interface import Method
+from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.perturbation import sam_perturbation
 
 PER_SAMPLE = ("auto", "vmap", "loop")
@@ -618,3 +621,75 @@ def _vmap_scores(module: nn.Module, batches: Sequence[Any], params: Sequence[nn.
             for score, g in zip(scores, per_sample_grads(values, rows), strict=True):
                 score.add_(g.to(torch.float32).square().sum(0))
     return scores
+
+
+# --- the options (one definition per method, methods/options.py) ----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SSAMFOptions(MethodOptions):
+    """SSAM-F (Mi et al. 2022): SAM's ascent masked to the elements with the largest empirical Fisher score.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        sparsity: fraction of elements NOT perturbed, in [0, 1] (default 0.5).
+        num_samples: training samples whose per-sample gradients make the Fisher score (int >= 1; default 128).
+        update_every_epochs: refresh the mask at the start of every this-many epochs (int >= 1; default 1).
+        per_sample: ``"auto"`` (torch.func vmap, falling back to a loop), ``"vmap"`` or ``"loop"``.
+    """
+
+    name = "ssam_f"
+
+    rho: float = 0.05
+    sparsity: float = 0.5
+    num_samples: int = 128
+    update_every_epochs: int = 1
+    per_sample: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        what = "the fraction of elements not perturbed"
+        self._set("sparsity", check_fraction("sparsity", self.sparsity, low_open=False, what=what))
+        check_int("num_samples", self.num_samples, 1, what="the number of Fisher samples")
+        check_int("update_every_epochs", self.update_every_epochs, 1, what="the mask refresh interval")
+        check_choice("per_sample", self.per_sample, PER_SAMPLE)
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return SSAMFMethod(**self.as_dict())  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class SSAMDOptions(MethodOptions):
+    """SSAM-D (Mi et al. 2022): SAM's ascent masked by a random mask evolved by drop-and-grow.
+
+    Args:
+        rho: perturbation radius (>= 0; default 0.05).
+        sparsity: fraction of elements NOT perturbed, in [0, 1] (default 0.5).
+        drop_rate: fraction of live elements replaced at a refresh, cosine-decayed over training (default 0.5).
+        update_every_epochs: refresh at the first step of every this-many epochs after the first (default 1).
+        drop: ``"gradient"`` (drop the smallest |g|, default) or ``"random"``.
+        grow: ``"random"`` (default) or ``"gradient"`` (grow the largest |g|).
+        seed: the mask generator's seed; None draws it from the global torch RNG (equal on every rank).
+    """
+
+    name = "ssam_d"
+
+    rho: float = 0.05
+    sparsity: float = 0.5
+    drop_rate: float = 0.5
+    update_every_epochs: int = 1
+    drop: str = "gradient"
+    grow: str = "random"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._set("rho", check_rho(self.rho))
+        what = "the fraction of elements not perturbed"
+        self._set("sparsity", check_fraction("sparsity", self.sparsity, low_open=False, what=what))
+        what = "the fraction of live elements replaced"
+        self._set("drop_rate", check_fraction("drop_rate", self.drop_rate, low_open=False, what=what))
+        check_int("update_every_epochs", self.update_every_epochs, 1, what="the mask refresh interval")
+        check_choice("drop", self.drop, DROP_SCORES)
+        check_choice("grow", self.grow, GROW_SCORES)
+        check_seed("seed", self.seed)
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return SSAMDMethod(**self.as_dict())  # type: ignore[arg-type]

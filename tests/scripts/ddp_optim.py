@@ -2,8 +2,8 @@
 
     python ddp_optim.py OUT_DIR STEPS
 
-Each of the two ranks first trains the base optimizer (``Plain``) alone on whole batches of 16 (the reference,
-before the process group exists), then, in the group, ``Plain`` and ``SLSAM`` on a DDP-wrapped copy with half
+Each of the two ranks first trains the base optimizer (``Base``) alone on whole batches of 16 (the reference,
+before the process group exists), then, in the group, ``Base`` and ``SLSAM`` on a DDP-wrapped copy with half
 of every batch. Each rank seeds its global RNG differently and SL-SAM gets no sampler seed, so the samplers
 agree only because the seed is broadcast from rank 0; ``check_ranks=True`` checks the arms every step. Each
 rank writes ``rank<r>.pt``. Run by tests/test_optim.py.
@@ -49,9 +49,9 @@ def run(method: str, rank: int, world: int, steps: int) -> dict[str, Any]:
 
 
 def train(rank: int, out: str, steps: int) -> None:
-    state = {"single": run("Plain", 0, 1, steps)}
+    state = {"single": run("Base", 0, 1, steps)}
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    state["plain"] = run("Plain", rank, WORLD, steps)
+    state["plain"] = run("Base", rank, WORLD, steps)
     state["slsam"] = run("SLSAM", rank, WORLD, steps)
     state["world_size"] = dist.get_world_size()
     torch.save(state, os.path.join(out, f"rank{rank}.pt"))

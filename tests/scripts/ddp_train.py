@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_slsam import SAM, SLSAM, Plain, SharpnessAwareMixin
+from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin
 
 
 class Net(SharpnessAwareMixin, pl.LightningModule):
@@ -66,7 +66,7 @@ def main() -> None:
     callback = {
         "slsam": lambda: SLSAM(rho=0.05, sparsity=0.4, check_ranks=True),
         "sam": lambda: SAM(rho=0.05, check_ranks=True),
-        "plain": lambda: Plain(check_ranks=True),
+        "plain": lambda: Base(check_ranks=True),
     }[method]()
     loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle)
     own_sampler = strategy == "ddp" and not shuffle  # Lightning's DistributedSampler always shuffles training data

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from torch import nn
+
+from lightning_slsam.arms import ArmLayout
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.options import MethodOptions
 
 
-class PlainMethod(Method):
+@dataclasses.dataclass(frozen=True)
+class BaseOptions(MethodOptions):
+    """The base optimizer, one pass per step, with the same logging as the other methods (no arguments)."""
+
+    name = "base"
+
+    def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        return BaseMethod()
+
+
+class BaseMethod(Method):
     """One forward and backward pass per step; the optimizer sees g(w)."""
 
     name = "base"

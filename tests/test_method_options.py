@@ -1,0 +1,170 @@
+"""Each method is defined once, by its options class: the callback, the plain-PyTorch optimizer, the Hydra schema
+and the config file all take their arguments from it, and its checks run before any training."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import SHRINK, TinyNet, compose_config
+from omegaconf import OmegaConf
+
+import lightning_slsam
+from lightning_slsam import optim
+from lightning_slsam.callback import CALLBACKS, LightningOptions, SharpnessAware
+from lightning_slsam.cli import instantiate_group
+from lightning_slsam.config_schema import METHOD_SCHEMAS
+from lightning_slsam.methods.registry import METHOD_OPTIONS
+from lightning_slsam.step_options import StepOptions
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+NAMES = sorted(METHOD_OPTIONS)
+STEP = [f.name for f in dataclasses.fields(StepOptions)]
+LIGHTNING = [f.name for f in dataclasses.fields(LightningOptions)]
+
+#: one value per (method, argument) that its options must refuse, with the argument named in the error
+BAD: list[tuple[str, str, Any]] = [
+    *[(name, "rho", value) for name in NAMES if name != "base" for value in (-0.1, math.inf, math.nan, "0.1", True)],
+    ("sam", "eta", -1.0),
+    ("sam", "adaptive", "yes"),
+    ("asam", "eta", -0.5),
+    ("looksam", "k", 0),
+    ("looksam", "k", 2.0),
+    ("looksam", "alpha", -0.1),
+    ("rst", "p", 1.5),
+    ("rst", "seed", 1.5),
+    ("lagnp", "alpha", 1.1),
+    ("lagnp", "layer_fraction", 0.0),
+    ("lagnp", "reselect_every", 0),
+    ("arsam", "threshold", -1.0),
+    ("arsam", "max_interval", 0),
+    ("arsam", "mix_steps", -1),
+    ("slsam", "sparsity", 0.0),
+    ("slsam", "sparsity", 1.5),
+    ("slsam", "bandit_lr", math.inf),
+    ("slsam", "sampler", "thompson"),
+    ("slsam", "norm_scale", "max"),
+    ("slsam", "top_fraction", 0.0),
+    ("slsam", "always_active", [""]),
+    ("slsam", "max_update_scale", 0.5),
+    ("slsam_plus", "max_update_scale", math.inf),
+    ("slsam", "seed", "zero"),
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_callback_and_the_optimizer_take_exactly_the_definitions_arguments(name: str) -> None:
+    options = METHOD_OPTIONS[name]
+    own = list(options.field_names())
+    callback = CALLBACKS[name]
+    assert callback.options_class is options
+    assert list(inspect.signature(callback).parameters) == [*own, *LIGHTNING, *STEP]
+    plain = getattr(optim, callback.__name__, None)
+    if plain is not None:  # SSAM-F is Lightning-only until its Fisher samples have a plain-PyTorch source
+        assert plain.options_class is options
+        assert list(inspect.signature(plain).parameters) == ["model", "base_optimizer", "backward", "scaler", *own, *STEP]
+    assert getattr(lightning_slsam, callback.__name__) is callback
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_come_from_the_definition_everywhere(name: str) -> None:
+    options = METHOD_OPTIONS[name]
+    defaults = options().as_dict()
+    callback = CALLBACKS[name]()
+    assert callback.options == options()
+    schema = OmegaConf.structured(METHOD_SCHEMAS[name])
+    assert schema._target_ == f"lightning_slsam.{CALLBACKS[name].__name__}"
+    for key, value in defaults.items():
+        assert schema[key] == value, key
+    assert schema.arms == options.default_arms or (schema.arms is None and options.default_arms == "tensor")
+    assert set(schema) == {"_target_", *defaults, *LIGHTNING, *STEP}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_file_sets_only_what_differs_from_the_definition(name: str) -> None:
+    raw = OmegaConf.load(CONF / f"{name}.yaml")
+    assert list(raw.defaults) == [f"schema_{name}"]
+    fields = set(METHOD_OPTIONS[name].field_names()) | set(LIGHTNING) | set(STEP)
+    defaults = METHOD_OPTIONS[name]().as_dict()
+    for key in raw:
+        if key == "defaults":
+            continue
+        assert key in fields, f"{name}.yaml: {key} is not an argument of {name}"
+        text = OmegaConf.to_container(raw, resolve=False)[key]
+        interpolation = isinstance(text, str) and text.startswith("${")
+        assert interpolation or defaults.get(key) != text, f"{name}.yaml repeats the default of {key}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_config_builds_the_callback_of_its_name(name: str, tmp_path: Path) -> None:
+    cfg = compose_config([f"method={name}", *SHRINK], str(tmp_path))
+    callback = instantiate_group("method", cfg.method)
+    assert type(callback) is CALLBACKS[name]
+    assert callback.options.name == name
+    module = TinyNet()
+    method = callback.method_for(module, lightning_slsam.build_arms(module, callback.arms))
+    assert method.name == name
+
+
+@pytest.mark.parametrize(("name", "argument", "value"), BAD, ids=[f"{n}-{a}-{v!r}" for n, a, v in BAD])
+def test_bad_values_are_refused_by_the_options_the_callback_and_the_optimizer(name: str, argument: str, value: Any):
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        METHOD_OPTIONS[name](**{argument: value})
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        CALLBACKS[name](**{argument: value})
+    plain = getattr(optim, CALLBACKS[name].__name__, None)
+    if plain is not None:
+        module = TinyNet()
+        with pytest.raises(ValueError, match=rf"^{argument}:"):
+            plain(module, torch.optim.SGD(module.parameters(), lr=0.1), **{argument: value})
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("arms", "layer"),
+        ("bn_running_stats", "pass2"),
+        ("clip_grad_norm", 0.0),
+        ("clip_grad_value", math.inf),
+        ("check_ranks", "yes"),
+        ("reuse_prefix", 1),
+        ("max_skipped_steps", 0),
+        ("accumulate", 0),
+        ("history_every", -1),
+    ],
+)
+@pytest.mark.parametrize("name", ["base", "sam", "slsam"])
+def test_bad_step_options_are_refused(name: str, argument: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        CALLBACKS[name](**{argument: value})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_unknown_argument_is_named_with_the_accepted_ones(name: str) -> None:
+    with pytest.raises(TypeError, match=r"unexpected argument 'rh0'; it takes .*\brho\b|unexpected argument 'rh0'"):
+        CALLBACKS[name](rh0=0.1)
+
+
+def test_slsam_plus_is_slsam_with_the_update_scaled() -> None:
+    plus, plain = METHOD_OPTIONS["slsam_plus"](), METHOD_OPTIONS["slsam"]()
+    assert plus.max_update_scale == 5.0 and plain.max_update_scale is None
+    assert dataclasses.replace(plus, max_update_scale=None).as_dict() == plain.as_dict()
+
+
+def test_a_subclass_may_build_its_own_method() -> None:
+    """``build_method`` stays the extension point for a method of one's own on the shared step."""
+
+    class Mine(SharpnessAware):
+        options_class = METHOD_OPTIONS["sam"]
+
+        def build_method(self, layout: Any) -> lightning_slsam.Method:
+            return lightning_slsam.SAMMethod(rho=0.0)
+
+    module = TinyNet()
+    method = Mine().method_for(module, lightning_slsam.build_arms(module, "tensor"))
+    assert method.rho == 0.0 and method.layout is not None
