@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_slsam import SAM, Base, PassOne, SharpnessAware, build_arms
-from lightning_slsam.methods.arsam import ARSAMOptions, ARSAMMethod
+from lightning_slsam.methods.arsam import ARSAMMethod, ARSAMOptions
 
 LR = 1e-2  # TinyNet's defaults, which the reference copies
 WEIGHT_DECAY = 0.1

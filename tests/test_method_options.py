@@ -67,7 +67,8 @@ def test_the_callback_and_the_optimizer_take_exactly_the_definitions_arguments(n
     plain = getattr(optim, callback.__name__, None)
     if plain is not None:  # SSAM-F is Lightning-only until its Fisher samples have a plain-PyTorch source
         assert plain.options_class is options
-        assert list(inspect.signature(plain).parameters) == ["model", "base_optimizer", "backward", "scaler", *own, *STEP]
+        leading = ["model", "base_optimizer", "backward", "scaler"]
+        assert list(inspect.signature(plain).parameters) == [*leading, *own, *STEP]
     assert getattr(lightning_slsam, callback.__name__) is callback
 
 
