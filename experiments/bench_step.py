@@ -28,16 +28,17 @@ of ``getrusage(RUSAGE_SELF).ru_maxrss``.
 Examples::
 
     python experiments/bench_step.py --preset vit_small_64px                 # every method, CPU
-    python experiments/bench_step.py --preset resnet20_cifar --methods base sam slsam-0.2 slsam-0.2-block
+    python experiments/bench_step.py --preset resnet20_cifar --methods base sam slsam slsam:arms=block
     python experiments/bench_step.py --preset vit_small --device cuda --steps 20
-    python experiments/bench_step.py --preset vit_small_64px --methods base sam slsam-0.2 --profile slsam-0.2
+    python experiments/bench_step.py --preset vit_small_64px --methods base sam slsam --profile slsam
 
-Method names: ``base sam asam ssam_f ssam_d lagnp arsam looksam rst`` and SL-SAM as
-``slsam[-SPARSITY][-ARMS][-topFRACTION][-rm][-noreuse]`` or ``slsam_uniform[...]`` (default sparsity 0.2, arms
-``tensor``; ``-top0.5``: sample only the top half of the arms, ``top_fraction=0.5``; ``-rm``: the bandit on
-running-mean-scaled norms, ``norm_scale="running_mean"``; ``-noreuse``: ``reuse_prefix=False``; e.g.
-``slsam-0.5``, ``slsam-0.2-block``, ``slsam-0.3-block-top0.5``). ``all`` is every method, with SL-SAM at 0.2
-and 0.5 (tensor arms), at 0.2 with block arms and the uniform sampler at 0.2.
+Methods are named as everywhere else: the method's name (``conf/method/<name>.yaml``: ``base sam asam ssam_f
+ssam_d lagnp arsam looksam rst slsam slsam_uniform slsam_plus``), optionally followed by ``:`` and arguments of
+its callback, ``NAME:key=value,key=value`` (``slsam:sparsity=0.5,arms=block,top_fraction=0.5``,
+``slsam:norm_scale=running_mean``, ``slsam:reuse_prefix=false``, ``slsam:always_active=[head,vectors]``); the
+string is the method's label in the results. Every method runs with ``rho=0.05`` (ASAM: its own 0.5) and
+``seed=0`` unless the arguments say otherwise. ``all`` is every method, with SL-SAM also at sparsity 0.5, with block
+arms and with the uniform sampler.
 """
 
 from __future__ import annotations
@@ -69,20 +70,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_slsam
-from lightning_slsam import (
-    ARSAM,
-    ASAM,
-    RST,
-    SAM,
-    SLSAM,
-    SSAMD,
-    SSAMF,
-    Base,
-    LayerwiseGNP,
-    LookSAM,
-    SharpnessAware,
-    SLSAMPlus,
-)
+from lightning_slsam.callback import CALLBACKS, SharpnessAware
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "experiments" / "results"
@@ -200,24 +188,8 @@ PRESETS: dict[str, Preset] = {
 
 
 # --- methods ----------------------------------------------------------------------------------------------------
-FIXED_METHODS: dict[str, tuple[Callable[[], SharpnessAware], str]] = {
-    "base": (lambda: Base(), "AdamW, one pass"),
-    "sam": (lambda: SAM(rho=0.05), "SAM, rho 0.05"),
-    "asam": (lambda: ASAM(rho=0.5), "ASAM, rho 0.5"),
-    "ssam_f": (lambda: SSAMF(rho=0.05, sparsity=0.5), "SSAM-F, 50% of elements perturbed, Fisher mask per epoch"),
-    "ssam_d": (lambda: SSAMD(rho=0.05, sparsity=0.5, seed=0), "SSAM-D, 50% of elements perturbed, drop/grow mask"),
-    "lagnp": (lambda: LayerwiseGNP(rho=0.05), "layer-wise GNP, top 10% of block arms in pass 2"),
-    "arsam": (lambda: ARSAM(rho=0.05), "ARSAM, PSF reuse, refresh at most every 5 steps"),
-    "looksam": (lambda: LookSAM(rho=0.05, k=5), "LookSAM, a SAM step every 5 steps"),
-    "rst": (lambda: RST(rho=0.05, p=0.5, seed=0), "RST, a SAM step with probability 0.5"),
-    "slsam_plus": (
-        lambda: SLSAMPlus(rho=0.05, seed=0),
-        "SL-SAM plus: sparsity 0.2, tensor arms, Exp3 bandit, each sampled arm's update x min(1/p, 5)",
-    ),
-}
-SLSAM_PATTERN = re.compile(
-    r"^(slsam|slsam_uniform)(?:-(\d*\.?\d+))?(?:-(tensor|module|block))?(?:-top(\d*\.?\d+))?(-rm)?(-noreuse)?$"
-)
+#: named variants of a method that have their own config file (``conf/method/slsam_uniform.yaml``)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"slsam_uniform": ("slsam", {"sampler": "uniform"})}
 ALL_METHODS = (
     "base",
     "sam",
@@ -228,51 +200,75 @@ ALL_METHODS = (
     "arsam",
     "looksam",
     "rst",
-    "slsam-0.2",
-    "slsam-0.5",
-    "slsam-0.2-block",
-    "slsam_uniform-0.2",
+    "slsam",
+    "slsam:sparsity=0.5",
+    "slsam:arms=block",
+    "slsam_uniform",
     "slsam_plus",
 )
+_ARGUMENT_SPLIT = re.compile(r",(?![^\[]*\])")  # commas outside [...]
 
 
-def make_callback(name: str) -> SharpnessAware:
-    """The callback of a method name (see the module docstring)."""
-    if name in FIXED_METHODS:
-        return FIXED_METHODS[name][0]()
-    match = SLSAM_PATTERN.match(name)
-    if match is None:
+def _value(text: str) -> Any:
+    """A command-line value: a number, true/false, null, a [list] of values, else the string."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        return [_value(item) for item in text[1:-1].split(",") if item.strip()]
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(label: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:key=value,...]`` -> (method name, callback arguments); the names of the methods' configs."""
+    name, _, arguments = label.partition(":")
+    known = sorted({*CALLBACKS, *VARIANTS})
+    if name not in known:
         raise ValueError(
-            f"--methods: unknown method {name!r}; expected one of {', '.join(FIXED_METHODS)}, "
-            "slsam[-SPARSITY][-tensor|module|block][-topFRACTION][-rm][-noreuse], slsam_uniform[...] or 'all'"
+            f"--methods: unknown method {label!r}; expected NAME[:key=value,...] with NAME one of {', '.join(known)}, "
+            "or 'all'"
         )
-    kind, sparsity, arms, top, running_mean, no_reuse = match.groups()
-    sampler = "uniform" if kind == "slsam_uniform" else "exp3"
-    norm_scale = "running_mean" if running_mean else "raw"
-    return SLSAM(
-        rho=0.05,
-        sparsity=float(sparsity or 0.2),
-        arms=arms or "tensor",
-        sampler=sampler,
-        seed=0,
-        norm_scale=norm_scale,
-        top_fraction=float(top or 1.0),
-        reuse_prefix=not no_reuse,
-    )
+    base, kwargs = VARIANTS.get(name, (name, {}))
+    kwargs = dict(kwargs)
+    if name != "asam" and "rho" in CALLBACKS[base].options_class.field_names():
+        kwargs["rho"] = 0.05
+    if "seed" in CALLBACKS[base].options_class.field_names():
+        kwargs["seed"] = 0
+    for item in _ARGUMENT_SPLIT.split(arguments) if arguments else []:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--methods: {label!r}: expected key=value after ':', got {item!r}")
+        kwargs[key.strip()] = _value(value)
+    return base, kwargs
 
 
-def describe_method(name: str) -> str:
-    if name in FIXED_METHODS:
-        return FIXED_METHODS[name][1]
-    callback = make_callback(name)  # the one parse of the name
-    assert isinstance(callback, SLSAM)
+def make_callback(label: str) -> SharpnessAware:
+    """The callback of a method label (see the module docstring); bad arguments fail here, naming the key."""
+    name, kwargs = parse_method(label)
+    try:
+        return CALLBACKS[name](**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--methods: {label!r}: {error}") from error
+
+
+def describe_method(label: str) -> str:
+    """The method's first docstring line and the arguments that differ from its defaults."""
+    callback = make_callback(label)  # the one parse of the label
     options = callback.options
-    sampler = "uniform sampler" if options.sampler == "uniform" else "Exp3 bandit"
-    if options.norm_scale == "running_mean":
-        sampler += " on running-mean-scaled norms"
-    window = f", top {options.top_fraction:g} of the arms" if options.top_fraction < 1.0 else ""
-    reuse = "" if callback.reuse_prefix else ", no prefix reuse"
-    return f"SL-SAM, sparsity {options.sparsity:g}, {callback.arms} arms{window}, {sampler}{reuse}"
+    summary = (type(options).__doc__ or options.name).strip().splitlines()[0].rstrip(".")
+    defaults = type(options)().as_dict()
+    changed = [f"{k}={v}" for k, v in options.as_dict().items() if v != defaults[k] and k != "seed"]
+    changed += [f"arms={callback.arms}"] if callback.arms != type(options).default_arms else []
+    changed += [] if callback.reuse_prefix else ["reuse_prefix=False"]
+    return summary + (f" ({', '.join(changed)})" if changed else "")
 
 
 def expand_methods(names: list[str]) -> list[str]:

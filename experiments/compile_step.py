@@ -25,10 +25,10 @@ and the minimum step time over the last half of the steps (``on_train_batch_star
 the minimum is the figure least disturbed by other load on the machine), with the median's ratio to the eager
 run of the same method.
 
-    python experiments/compile_step.py                        # base, sam, slsam, slsam-block; 40 steps each
+    python experiments/compile_step.py                        # base, sam, slsam, slsam:arms=block; 40 steps each
     python experiments/compile_step.py --threads 1 --steps 30 --depth 4   # experiments/results/compile_mlp_*
     python experiments/compile_step.py --methods slsam --steps 60 --backend aot_eager
-    python experiments/compile_step.py --no-toggle --methods slsam slsam-block
+    python experiments/compile_step.py --no-toggle --methods slsam slsam:arms=block
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def make_callback(method: str, no_toggle: bool) -> L.Callback:
         return Base()
     if method == "sam":
         return SAM(rho=0.05)
-    arms = "block" if method == "slsam-block" else "tensor"
+    arms = "block" if method == "slsam:arms=block" else "tensor"
     if no_toggle:
         return ActiveInputsSLSAM(rho=0.05, sparsity=0.2, arms=arms, seed=0, reuse_prefix=False)
     return SLSAM(rho=0.05, sparsity=0.2, arms=arms, seed=0)
@@ -191,7 +191,7 @@ def run(method: str, way: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     global BACKEND
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["base", "sam", "slsam", "slsam-block"])
+    parser.add_argument("--methods", nargs="+", default=["base", "sam", "slsam", "slsam:arms=block"])
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)

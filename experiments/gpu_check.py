@@ -42,7 +42,7 @@ missing unscale, different arms or a broken restore give errors of order 1 or a 
 
 **2. Cost**: ``experiments/bench_step.py`` (interleaved step by step, one fit per method) on the ``vit_small``
 (224 px, batch 64) and ``bert_base`` (sequence 128, batch 32) presets, random weights, for ``base sam looksam
-lagnp slsam-0.2`` (the paper's setting) and ``slsam_plus`` where the library has it; bf16-mixed by default
+lagnp slsam`` (the paper's setting) and ``slsam_plus`` where the library has it; bf16-mixed by default
 (``--cost-precision``). Median step time, ratios to base and SAM, ``torch.cuda.max_memory_allocated``. The
 timed window holds whole LookSAM periods (``--cost-steps`` a multiple of its k = 5), so its SAM steps are in it.
 
@@ -89,7 +89,7 @@ BENCH_SCRIPT = REPO / "experiments" / "bench_step.py"
 DEFAULT_OUT = REPO / "experiments" / "results" / "gpu"
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 CHECK_METHODS = ("sam", "slsam")
-COST_METHODS = ("base", "sam", "looksam", "lagnp", "slsam-0.2")
+COST_METHODS = ("base", "sam", "looksam", "lagnp", "slsam")
 OPTIONAL_COST_METHOD = "slsam_plus"
 LOOKSAM_K = 5  # bench_step's LookSAM interval: the timed window must hold whole periods of it
 GPU_PRESETS = ("vit_small", "bert_base")

@@ -113,6 +113,14 @@ class SharpnessAware(pl.Callback):
         self._attention_hooks: list[Any] = []
         self._update_lrs: list[float] | None = None  # per parameter group, read at this step's optimizer.step()
 
+    def __getattr__(self, name: str) -> Any:
+        """The method's arguments read as attributes (``SLSAM(sparsity=0.5).sparsity == 0.5``); read-only, since
+        the options are frozen and checked once."""
+        options = self.__dict__.get("options")
+        if options is not None and name in options.field_names():
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def build_method(self, layout: ArmLayout) -> Method:
         """The method this callback runs for the model's arms: by default the options' (``options.build``).
 

@@ -31,24 +31,22 @@ def bench():
 
 @pytest.mark.slow
 def test_smallest_preset_writes_json_and_markdown(bench, tmp_path):
-    argv = shlex.split(
-        "--preset resnet20_cifar --methods base slsam-0.2 --steps 2 --warmup 1 --batch-size 8 --threads 1"
-    )
+    argv = shlex.split("--preset resnet20_cifar --methods base slsam --steps 2 --warmup 1 --batch-size 8 --threads 1")
     argv += ["--memory", "off", "--out", str(tmp_path), "--tag", "smoke"]
     record = bench.main(argv)
 
     written = json.loads((tmp_path / "step_smoke.json").read_text())
     assert written["config"]["preset"] == "resnet20_cifar"
-    assert written["config"]["methods"] == ["base", "slsam-0.2"]
+    assert written["config"]["methods"] == ["base", "slsam"]
     assert written["machine"]["torch_threads"] == 1
     assert {"cpu", "torch", "lightning", "date"} <= set(written["machine"])
-    assert set(written["results"]) == {"base", "slsam-0.2"} == set(record["results"])
+    assert set(written["results"]) == {"base", "slsam"} == set(record["results"])
     for row in written["results"].values():
         assert row["steps_timed"] == 2
         assert len(row["step_times_s"]) == 1 and len(row["step_times_s"][0]) == 2
         for key in ("median_step_s", "mean_step_s", "median_vs_base", "active_ratio_pass1", "passes_per_step"):
             assert math.isfinite(row[key]), key
-    base, slsam = written["results"]["base"], written["results"]["slsam-0.2"]
+    base, slsam = written["results"]["base"], written["results"]["slsam"]
     assert base["median_vs_base"] == 1.0
     assert base["passes_per_step"] == 1.0 and base["active_ratio_pass1"] == 1.0 and base["active_ratio_pass2"] == 0.0
     assert slsam["passes_per_step"] == 2.0
@@ -57,7 +55,7 @@ def test_smallest_preset_writes_json_and_markdown(bench, tmp_path):
 
     table = (tmp_path / "step_smoke.md").read_text()
     assert "| method | median step (ms) | x base |" in table
-    assert "| `base` |" in table and "| `slsam-0.2` |" in table
+    assert "| `base` |" in table and "| `slsam` |" in table
 
 
 @pytest.mark.slow
@@ -68,22 +66,30 @@ def test_memory_child_reports_a_peak(bench, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
 
-def test_method_names(bench):
-    assert "slsam-0.2-block" in bench.expand_methods(["all"])
-    assert bench.expand_methods(["base", "slsam-0.5-module", "base"]) == ["base", "slsam-0.5-module"]
-    callback = bench.make_callback("slsam_uniform-0.3-block")
+def test_method_names_are_the_configs_names_with_callback_arguments(bench):
+    assert {"slsam", "slsam:arms=block", "slsam_uniform", "slsam_plus"} <= set(bench.expand_methods(["all"]))
+    assert bench.expand_methods(["base", "slsam:sparsity=0.5,arms=module", "base"]) == [
+        "base",
+        "slsam:sparsity=0.5,arms=module",
+    ]
+    callback = bench.make_callback("slsam_uniform:sparsity=0.3,arms=block")
     assert (callback.options.sparsity, callback.arms, callback.options.sampler) == (0.3, "block", "uniform")
-    low_cost = bench.make_callback("slsam-0.5-block-top0.5-noreuse")
-    assert (low_cost.sparsity, low_cost.arms, low_cost.top_fraction, low_cost.reuse_prefix) == (
-        0.5,
-        "block",
-        0.5,
-        False,
-    )
-    assert bench.make_callback("slsam-0.2").reuse_prefix and bench.make_callback("slsam-0.2").top_fraction == 1.0
-    assert "top 0.5 of the arms" in bench.describe_method("slsam-0.5-block-top0.5")
+    low_cost = bench.make_callback("slsam:sparsity=0.5,arms=block,top_fraction=0.5,reuse_prefix=false")
+    options = low_cost.options
+    assert (options.sparsity, low_cost.arms, options.top_fraction, low_cost.reuse_prefix) == (0.5, "block", 0.5, False)
+    paper = bench.make_callback("slsam")
+    assert paper.reuse_prefix and paper.options.top_fraction == 1.0 and paper.options.sparsity == 0.2
+    assert (paper.options.rho, paper.options.seed) == (0.05, 0)
+    pinned = bench.make_callback("slsam_plus:always_active=[head,vectors],max_update_scale=2")
+    assert pinned.options.always_active == ["head", "vectors"] and pinned.options.max_update_scale == 2
+    assert "top_fraction=0.5" in bench.describe_method("slsam:sparsity=0.5,arms=block,top_fraction=0.5")
+    assert bench.describe_method("sam").startswith("Sharpness-aware minimization")
     with pytest.raises(ValueError, match="unknown method"):
-        bench.make_callback("slsam-0.2-layers")
+        bench.make_callback("slsam-0.2")
+    with pytest.raises(ValueError, match="arms: "):
+        bench.make_callback("slsam:arms=layers")
+    with pytest.raises(ValueError, match="unexpected argument 'spars'"):
+        bench.make_callback("slsam:spars=0.5")
 
 
 def test_baton_runs_one_thread_at_a_time_in_rotating_turns(bench):

@@ -34,7 +34,7 @@ EXPECTED_CHECKS = {
     "overflow/slsam/16-mixed",
     "bandit/slsam/16-mixed",
 }
-COST_METHODS = {"base", "sam", "looksam", "lagnp", "slsam-0.2"}
+COST_METHODS = {"base", "sam", "looksam", "lagnp", "slsam"}
 
 
 @pytest.fixture(scope="module")

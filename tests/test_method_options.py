@@ -87,6 +87,17 @@ def test_defaults_come_from_the_definition_everywhere(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_the_callback_reads_its_arguments_as_attributes(name: str) -> None:
+    callback = CALLBACKS[name]()
+    for key, value in callback.options.as_dict().items():
+        assert getattr(callback, key) == value, key
+    with pytest.raises(AttributeError, match="no_such_argument"):
+        callback.no_such_argument  # noqa: B018
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        callback.options.rho = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_config_file_sets_only_what_differs_from_the_definition(name: str) -> None:
     raw = OmegaConf.load(CONF / f"{name}.yaml")
     assert list(raw.defaults) == [f"schema_{name}"]

@@ -538,7 +538,7 @@ SMOKE: dict[str, Callable[[], SharpnessAware]] = {
     "asam": lambda: SAM(adaptive=True),
     "slsam": lambda: SLSAM(seed=0),
     "slsam-uniform": lambda: SLSAM(sampler="uniform", seed=0),
-    "slsam-block": lambda: SLSAM(arms="block", seed=0),
+    "slsam:arms=block": lambda: SLSAM(arms="block", seed=0),
     "slsam-module": lambda: SLSAM(arms="module", seed=0),
 }
 
