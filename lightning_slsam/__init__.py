@@ -18,6 +18,7 @@ from lightning_slsam.callback import (
 from lightning_slsam.methods import (
     ARSAMMethod,
     BaseMethod,
+    EpochStart,
     LayerwiseGNPMethod,
     LookSAMMethod,
     Method,
@@ -55,6 +56,7 @@ __all__ = [
     "ArmSampler",
     "Base",
     "BaseMethod",
+    "EpochStart",
     "Exp3Sampler",
     "FixedSampler",
     "LayerwiseGNP",

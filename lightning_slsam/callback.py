@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -17,10 +18,11 @@ from lightning_slsam import attention_inputs, module_conversion, pass_context, p
 from lightning_slsam.argument_checks import check_int
 from lightning_slsam.arms import ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, check_strategy, disable_ddp_sync
+from lightning_slsam.fisher_samples import draw_training_samples
 from lightning_slsam.lr_schedules import step_schedulers
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
-from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.interface import EpochStart, Method, PassOne
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
 from lightning_slsam.methods.options import MethodOptions
@@ -34,6 +36,18 @@ from lightning_slsam.step_engine import batch_norms, frozen_running_stats
 from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
 STATE_KEY_PREFIX = "SharpnessAware["
+
+
+def total_epochs(trainer: pl.Trainer) -> int | None:
+    """The epochs training runs for: ``max_epochs``, else estimated from ``max_steps``; None if unbounded."""
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_epochs is not None and max_epochs > 0:
+        return int(max_epochs)
+    max_steps = getattr(trainer, "max_steps", -1)
+    per_epoch = getattr(trainer, "num_training_batches", float("inf"))
+    if max_steps is not None and max_steps > 0 and 0 < per_epoch < float("inf"):
+        return max(1, math.ceil(max_steps / per_epoch))
+    return None
 
 
 def find_sharpness_callback(trainer: pl.Trainer) -> SharpnessAware | None:
@@ -243,7 +257,16 @@ class SharpnessAware(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.method is not None
-        self.method.on_train_epoch_start(trainer, pl_module)
+        compute_loss = getattr(pl_module, "compute_loss", None)
+        self.method.start_epoch(
+            EpochStart(
+                epoch=int(trainer.current_epoch),
+                total_epochs=total_epochs(trainer),
+                module=pl_module,
+                draw_samples=functools.partial(draw_training_samples, trainer, pl_module),
+                loss_of=compute_loss if callable(compute_loss) else None,
+            )
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_schedulers(trainer, "epoch", epoch_end=True)

@@ -13,19 +13,19 @@ The step is the same :func:`lightning_slsam.step_engine.run_step` the Lightning 
 take their arguments from the method's one definition, its options class (``methods/<method>.py``), and build the
 method with it: the two APIs cannot drift apart. This module imports no Lightning.
 
-Not here: SSAM-F (its Fisher score draws batches from the Trainer's dataloader; use the callback).
+SSAM-F's Fisher score needs training samples, which a closure does not give: :class:`SSAMF` takes them as
+``fisher_data`` (the training loader), where the callback reads the Trainer's.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
-from collections.abc import Callable
-from types import SimpleNamespace
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_slsam import attention_inputs
@@ -33,14 +33,15 @@ from lightning_slsam.arms import ArmLayout, build_arms
 from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
-from lightning_slsam.methods.interface import Method
+from lightning_slsam.methods.fisher_score import first_samples
+from lightning_slsam.methods.interface import EpochStart, Method
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
 from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
-from lightning_slsam.methods.ssam import SSAMDOptions
+from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 from lightning_slsam.prefix_reuse import PrefixReuse
 from lightning_slsam.skipped_steps import SkippedSteps
 from lightning_slsam.step_engine import StepResult, batch_norms, frozen_running_stats, run_step
@@ -53,6 +54,7 @@ __all__ = [
     "SAM",
     "SLSAM",
     "SSAMD",
+    "SSAMF",
     "Base",
     "LayerwiseGNP",
     "LookSAM",
@@ -96,7 +98,7 @@ class SharpnessAwareOptimizer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = list(inspect.signature(SharpnessAwareOptimizer.__init__).parameters.values())[1:-1]
+        own = list(inspect.signature(cls.__init__).parameters.values())[1:-1]
         cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             own + keyword_parameters(cls.options_class, StepOptions)
         )
@@ -213,11 +215,16 @@ class SharpnessAwareOptimizer:
             isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1
         ):
             raise ValueError(f"total_epochs: must be an int >= 1 or None, got {total_epochs!r}")
-        # the two fields the methods read from a Trainer
-        clock = SimpleNamespace(
-            current_epoch=epoch, max_epochs=total_epochs, max_steps=-1, num_training_batches=math.inf
+        draw_samples, loss_of = self._training_samples()
+        self.method.start_epoch(
+            EpochStart(
+                epoch=epoch, total_epochs=total_epochs, module=self.model, draw_samples=draw_samples, loss_of=loss_of
+            )
         )
-        self.method.on_train_epoch_start(clock, self.model)
+
+    def _training_samples(self) -> tuple[Callable[[int], list[Any]] | None, Callable[[Any], Tensor] | None]:
+        """What a method that scores training samples draws them with, and their loss (none by default)."""
+        return None, None
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state and the method's (sampler, stored gradients, masks, coins), to resume exactly."""
@@ -333,6 +340,61 @@ class SSAMD(SharpnessAwareOptimizer):
     """
 
     options_class = SSAMDOptions
+
+
+class SSAMF(SharpnessAwareOptimizer):
+    """SSAM-F: arguments :class:`~lightning_slsam.methods.ssam.SSAMFOptions`, the step options, and:
+
+    Args:
+        fisher_data: the training batches the Fisher score draws its ``num_samples`` samples from: a
+            re-iterable of batches (a ``DataLoader``), iterated afresh at each refresh and taken from its start
+            (the global RNG is put back afterwards, so a shuffling loader's training order is not disturbed);
+            the batches are moved to the model's device.
+        fisher_loss: the scalar loss of one batch (a single-sample batch at scoring time), reading the weights
+            through ``model``; default ``model.compute_loss`` (``SharpnessAwareMixin``), as under the Trainer.
+
+    Call :meth:`start_epoch` at the start of every epoch: the mask is computed there (at epoch 0, then every
+    ``update_every_epochs``).
+    """
+
+    options_class = SSAMFOptions
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        fisher_data: Iterable[Any],
+        fisher_loss: Callable[[Any], Tensor] | None = None,
+        backward: Callable[[Tensor], Any] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        **method_args: Any,
+    ) -> None:
+        if not isinstance(fisher_data, Iterable) or iter(fisher_data) is fisher_data:
+            raise ValueError(
+                "fisher_data: SSAMF needs a re-iterable of training batches (a DataLoader; not an iterator, which "
+                f"one refresh would use up), got {type(fisher_data).__name__}"
+            )
+        if fisher_loss is None:
+            fisher_loss = getattr(model, "compute_loss", None)
+            if not callable(fisher_loss):
+                raise ValueError(
+                    "fisher_loss: SSAMF needs the loss of a batch: pass fisher_loss=lambda batch: ..., or use a "
+                    f"model with compute_loss(batch); {type(model).__name__} has none"
+                )
+        elif not callable(fisher_loss):
+            raise ValueError(f"fisher_loss: must be a function of a batch that returns the loss, got {fisher_loss!r}")
+        super().__init__(model, base_optimizer, backward=backward, scaler=scaler, **method_args)
+        self.fisher_data = fisher_data
+        self.fisher_loss = fisher_loss
+
+    def _training_samples(self) -> tuple[Callable[[int], list[Any]] | None, Callable[[Any], Tensor] | None]:
+        device = self.layout.params[0].device
+
+        def to_device(batch: Any) -> Any:
+            return apply_to_collection(batch, Tensor, lambda t: t.to(device))
+
+        return functools.partial(first_samples, self.fisher_data, prepare=to_device), self.fisher_loss
 
 
 class LayerwiseGNP(SharpnessAwareOptimizer):

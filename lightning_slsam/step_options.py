@@ -77,6 +77,10 @@ def split_arguments(owner: str, arguments: dict[str, Any], *definitions: type[An
                 part[key] = value
                 break
         else:
+            for definition in definitions:
+                new = getattr(definition, "renamed", {}).get(key)
+                if new is not None:
+                    raise TypeError(f"{owner}: argument {key!r} was renamed {new!r} (same meaning); pass {new}=...")
             accepted = sorted(set().union(*names))
             raise TypeError(f"{owner}: unexpected argument {key!r}; it takes {', '.join(accepted)}")
     return parts

@@ -27,6 +27,9 @@ NAMES = sorted(METHOD_OPTIONS)
 STEP = [f.name for f in dataclasses.fields(StepOptions)]
 LIGHTNING = [f.name for f in dataclasses.fields(LightningOptions)]
 
+#: what a plain-PyTorch optimizer takes besides the definition's arguments, where a closure does not give it
+PLAIN_DATA = {"ssam_f": ["fisher_data", "fisher_loss"]}
+
 #: one value per (method, argument) that its options must refuse, with the argument named in the error
 BAD: list[tuple[str, str, Any]] = [
     *[(name, "rho", value) for name in NAMES if name != "base" for value in (-0.1, math.inf, math.nan, "0.1", True)],
@@ -64,11 +67,10 @@ def test_the_callback_and_the_optimizer_take_exactly_the_definitions_arguments(n
     callback = CALLBACKS[name]
     assert callback.options_class is options
     assert list(inspect.signature(callback).parameters) == [*own, *LIGHTNING, *STEP]
-    plain = getattr(optim, callback.__name__, None)
-    if plain is not None:  # SSAM-F is Lightning-only until its Fisher samples have a plain-PyTorch source
-        assert plain.options_class is options
-        leading = ["model", "base_optimizer", "backward", "scaler"]
-        assert list(inspect.signature(plain).parameters) == [*leading, *own, *STEP]
+    plain = getattr(optim, callback.__name__)
+    assert plain.options_class is options
+    leading = ["model", "base_optimizer", *PLAIN_DATA.get(name, []), "backward", "scaler"]
+    assert list(inspect.signature(plain).parameters) == [*leading, *own, *STEP]
     assert getattr(lightning_slsam, callback.__name__) is callback
 
 
@@ -129,11 +131,11 @@ def test_bad_values_are_refused_by_the_options_the_callback_and_the_optimizer(na
         METHOD_OPTIONS[name](**{argument: value})
     with pytest.raises(ValueError, match=rf"^{argument}:"):
         CALLBACKS[name](**{argument: value})
-    plain = getattr(optim, CALLBACKS[name].__name__, None)
-    if plain is not None:
-        module = TinyNet()
-        with pytest.raises(ValueError, match=rf"^{argument}:"):
-            plain(module, torch.optim.SGD(module.parameters(), lr=0.1), **{argument: value})
+    plain = getattr(optim, CALLBACKS[name].__name__)
+    module = TinyNet()
+    data = {"fisher_data": [(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))]} if name in PLAIN_DATA else {}
+    with pytest.raises(ValueError, match=rf"^{argument}:"):
+        plain(module, torch.optim.SGD(module.parameters(), lr=0.1), **data, **{argument: value})
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("ARSAM", {"rho": 0.1, "max_interval": 2}),
     ("LayerwiseGNP", {"rho": 0.1, "layer_fraction": 0.5}),
     ("SSAMD", {"rho": 0.1, "seed": 3}),
+    ("SSAMF", {"rho": 0.1, "unperturbed_fraction": 0.6, "num_samples": 20}),  # 20: one batch and a cut one
 ]
 
 
@@ -67,7 +68,7 @@ def run_plain(name: str, kwargs: dict[str, Any], **options: Any) -> tuple[Holder
     wrap = options.pop("wrap", None)
     if wrap is not None:
         model, base = wrap(model, base)
-    opt = getattr(optim, name)(model, base, **kwargs, **options)
+    opt = getattr(optim, name)(model, base, **kwargs, **fisher_arguments(name, model), **options)
     model.train()
     for epoch in range(EPOCHS):
         opt.start_epoch(epoch, total_epochs=EPOCHS)
@@ -79,6 +80,18 @@ def run_plain(name: str, kwargs: dict[str, Any], **options: Any) -> tuple[Holder
             opt.step(closure)
             opt.zero_grad()
     return model, opt
+
+
+def fisher_arguments(name: str, model: nn.Module) -> dict[str, Any]:
+    """SSAM-F's training samples (the loop's own loader) and the loss of a batch (``TinyNet.compute_loss``'s)."""
+    if name != "SSAMF":
+        return {}
+
+    def loss_of(batch: Any) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(model.model(x), y)
+
+    return {"fisher_data": loader(), "fisher_loss": loss_of}
 
 
 def assert_same_state(actual: Any, expected: Any, where: str = "state") -> None:
@@ -169,7 +182,7 @@ def test_grad_scaler_skips_an_inf_step(name: str) -> None:
     kwargs = dict(METHODS)[name]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model, base = plain_model()
-    opt = getattr(optim, name)(model, base, scaler=scaler, **kwargs)
+    opt = getattr(optim, name)(model, base, scaler=scaler, **kwargs, **fisher_arguments(name, model))
     x, y = next(iter(loader()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         opt.step(lambda: F.cross_entropy(model.model(x), y).float())  # one finite step under bf16 autocast
@@ -248,6 +261,13 @@ def test_state_dict_resumes_exactly() -> None:
         (lambda m, b: optim.SAM(m, b, history_every=2), "history_every"),
         (lambda m, b: optim.SAM(m, b, scaler="fp16"), "scaler"),
         (lambda m, b: optim.SAM(m, b, backward=1), "backward"),
+        (lambda m, b: optim.SSAMF(m, b, fisher_data=iter(loader())), "fisher_data"),  # used up by one refresh
+        (lambda m, b: optim.SSAMF(m, b, fisher_data=loader()), "fisher_loss"),  # Holder has no compute_loss
+        (lambda m, b: optim.SSAMF(m, b, fisher_data=loader(), fisher_loss=1), "fisher_loss"),
+        (
+            lambda m, b: optim.SSAMF(m, b, fisher_data=loader(), fisher_loss=len, unperturbed_fraction=2),
+            "unperturbed_fraction",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(build: Any, argument: str) -> None:

@@ -22,37 +22,15 @@ from conftest import TinyNet, assert_models_close, assert_models_equal, snapshot
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import SAM, SharpnessAware, SharpnessAwareMixin, build_arms
-from lightning_slsam.methods.ssam import (
-    SSAMDMethod,
-    SSAMFMethod,
-    cosine_drop_rate,
-    fisher_scores,
-)
+import lightning_slsam.optim
+from lightning_slsam import SAM, SSAMD, SSAMF, SharpnessAware, SharpnessAwareMixin, build_arms
+from lightning_slsam.methods.fisher_score import fisher_scores
+from lightning_slsam.methods.ssam import SSAMDMethod, SSAMDOptions, SSAMFMethod, SSAMFOptions, cosine_drop_rate
 
 LR = 1e-2  # TinyNet's defaults, which the references copy
 WEIGHT_DECAY = 0.1
 RHO = 0.2
 PREFIX = "model."
-
-
-# --- callbacks (the user-facing ones live in callback.py) -------------------------------------------------------
-class _SSAMF(SharpnessAware):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__()
-        self.kwargs = kwargs
-
-    def build_method(self, layout: Any) -> SSAMFMethod:
-        return SSAMFMethod(**self.kwargs)
-
-
-class _SSAMD(SharpnessAware):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__()
-        self.kwargs = kwargs
-
-    def build_method(self, layout: Any) -> SSAMDMethod:
-        return SSAMDMethod(**self.kwargs)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -118,11 +96,11 @@ def reference_fisher(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor
     return scores
 
 
-def reference_fisher_mask(model: nn.Module, x: Tensor, y: Tensor, sparsity: float) -> dict[str, Tensor]:
-    """Keep the ``round((1 - sparsity) * numel)`` largest Fisher scores (a clear margin to the next one)."""
+def reference_fisher_mask(model: nn.Module, x: Tensor, y: Tensor, unperturbed: float) -> dict[str, Tensor]:
+    """Keep the ``round((1 - unperturbed) * numel)`` largest Fisher scores (a clear margin to the next one)."""
     scores = reference_fisher(model, x, y)
     vector = flat(scores, list(scores))
-    k = round((1 - sparsity) * vector.numel())
+    k = round((1 - unperturbed) * vector.numel())
     ranked = vector.sort(descending=True).values
     if 0 < k < len(ranked):
         assert ranked[k - 1] - ranked[k] > 1e-6 * ranked[k - 1], "a near-tie at the threshold: pick other data"
@@ -164,11 +142,13 @@ def epoch_batches(loader: DataLoader, epochs: int, per_epoch: int) -> list[tuple
 
 # --- SSAM-F -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("per_sample", ["vmap", "loop"])
-@pytest.mark.parametrize("sparsity", [0.3, 0.8])
-def test_ssamf_mask_is_the_fisher_top_k(make_module, make_trainer, tiny_loader, sparsity: float, per_sample) -> None:
+@pytest.mark.parametrize("unperturbed", [0.3, 0.8])
+def test_ssamf_mask_is_the_fisher_top_k(make_module, make_trainer, tiny_loader, unperturbed: float, per_sample) -> None:
     module = make_module(batch_norm=True)  # the Fisher pass runs in eval mode: BatchNorm on running stats
     initial = copy.deepcopy(module.model)
-    callback = _SSAMF(rho=RHO, sparsity=sparsity, num_samples=40, per_sample=per_sample)  # 2.5 batches of 16
+    callback = SSAMF(
+        rho=RHO, unperturbed_fraction=unperturbed, num_samples=40, per_sample=per_sample
+    )  # 2.5 batches of 16
     probe = MaskProbe()
     make_trainer(callbacks=[callback, probe], max_steps=2).fit(module, tiny_loader)
 
@@ -176,10 +156,10 @@ def test_ssamf_mask_is_the_fisher_top_k(make_module, make_trainer, tiny_loader, 
     assert isinstance(method, SSAMFMethod) and method.per_sample_used == per_sample
     total = sum(p.numel() for p in module.parameters())
     assert method.total_numel == total
-    assert method.num_live == round((1 - sparsity) * total)
+    assert method.num_live == round((1 - unperturbed) * total)
     assert all(m.dtype == torch.bool for m in method.masks)
     x, y = samples(tiny_loader, 40)
-    expected = reference_fisher_mask(initial, x, y, sparsity)
+    expected = reference_fisher_mask(initial, x, y, unperturbed)
     got = probe.before[0]
     assert got.keys() == expected.keys()
     for name in got:
@@ -187,7 +167,7 @@ def test_ssamf_mask_is_the_fisher_top_k(make_module, make_trainer, tiny_loader, 
 
 
 def test_ssamf_refreshes_on_schedule(make_module, make_trainer, tiny_loader) -> None:
-    callback = _SSAMF(sparsity=0.5, num_samples=16, update_every_epochs=2)
+    callback = SSAMF(unperturbed_fraction=0.5, num_samples=16, update_every_epochs=2)
     probe = MaskProbe()
     trainer = make_trainer(callbacks=[callback, probe], max_steps=-1, max_epochs=4, limit_train_batches=2)
     trainer.fit(make_module(), tiny_loader)
@@ -202,12 +182,12 @@ def test_ssamf_refreshes_on_schedule(make_module, make_trainer, tiny_loader) -> 
 
 
 def test_ssamf_steps_match_reference(make_module, make_trainer, tiny_loader) -> None:
-    steps, sparsity = 3, 0.5
+    steps, unperturbed = 3, 0.5
     module = make_module()
     ref = copy.deepcopy(module.model)
     x, y = samples(tiny_loader, 32)
-    mask = reference_fisher_mask(ref, x, y, sparsity)
-    make_trainer(callbacks=[_SSAMF(rho=RHO, sparsity=sparsity, num_samples=32)], max_steps=steps).fit(
+    mask = reference_fisher_mask(ref, x, y, unperturbed)
+    make_trainer(callbacks=[SSAMF(rho=RHO, unperturbed_fraction=unperturbed, num_samples=32)], max_steps=steps).fit(
         module, tiny_loader
     )
 
@@ -221,14 +201,17 @@ def test_ssamf_steps_match_reference(make_module, make_trainer, tiny_loader) -> 
     )
 
 
-@pytest.mark.parametrize(("sparsity", "own_generator"), [(0.0, False), (1e-9, True)], ids=["zero", "tiny"])
-def test_ssamf_all_live_equals_sam(make_module, make_trainer, tiny_dataset, sparsity: float, own_generator) -> None:
+@pytest.mark.parametrize(("unperturbed", "own_generator"), [(0.0, False), (1e-9, True)], ids=["zero", "tiny"])
+def test_ssamf_all_live_equals_sam(make_module, make_trainer, tiny_dataset, unperturbed: float, own_generator) -> None:
     """Every element live is SAM, bitwise; over two shuffled epochs, so a Fisher pass that moved the global RNG
     or the loader's own generator (the next epoch's order), or left BatchNorm in eval mode, would show."""
     sam, ssam = make_module(batch_norm=True), make_module(batch_norm=True)
     options = {"max_steps": -1, "max_epochs": 2, "limit_train_batches": 3}
     results = []
-    for module, callback in ((sam, SAM(rho=RHO)), (ssam, _SSAMF(rho=RHO, sparsity=sparsity, num_samples=20))):
+    for module, callback in (
+        (sam, SAM(rho=RHO)),
+        (ssam, SSAMF(rho=RHO, unperturbed_fraction=unperturbed, num_samples=20)),
+    ):
         generator = torch.Generator().manual_seed(5) if own_generator else None
         loader = DataLoader(tiny_dataset, batch_size=16, shuffle=True, generator=generator)
         torch.manual_seed(0)
@@ -327,7 +310,7 @@ class ItemTinyNet(TinyNet):
 
 
 def test_ssamf_method_falls_back_once_and_remembers(make_trainer, tiny_loader) -> None:
-    callback = _SSAMF(sparsity=0.5, num_samples=8)
+    callback = SSAMF(unperturbed_fraction=0.5, num_samples=8)
     trainer = make_trainer(callbacks=[callback], max_steps=-1, max_epochs=2, limit_train_batches=1)
     with pytest.warns(UserWarning, match="vmap failed") as record:
         trainer.fit(ItemTinyNet(), tiny_loader)
@@ -351,7 +334,7 @@ class TwoLoaderNet(SharpnessAwareMixin, L.LightningModule):
 
 def test_ssamf_with_combined_loaders(make_trainer, tiny_dataset) -> None:
     loaders = {"a": DataLoader(tiny_dataset, batch_size=16), "b": DataLoader(tiny_dataset, batch_size=16)}
-    callback = _SSAMF(sparsity=0.25, num_samples=20)
+    callback = SSAMF(unperturbed_fraction=0.25, num_samples=20)
     module = TwoLoaderNet()
     initial = copy.deepcopy(module.net)
     trainer = make_trainer(callbacks=[callback], max_steps=1)
@@ -373,21 +356,22 @@ def test_ssamf_with_combined_loaders(make_trainer, tiny_dataset) -> None:
 
 
 # --- SSAM-D -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_ssamd_initial_mask_has_the_asked_sparsity(make_module, sparsity: float) -> None:
+@pytest.mark.parametrize("unperturbed", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_ssamd_initial_mask_has_the_asked_unperturbed_fraction(make_module, unperturbed: float) -> None:
     module = make_module()
     layout = build_arms(module)
-    method = SSAMDMethod(sparsity=sparsity, seed=3)
+    method = SSAMDMethod(unperturbed_fraction=unperturbed, seed=3)
     method.setup(layout)
     total = sum(p.numel() for p in module.parameters())
-    assert method.num_live == round((1 - sparsity) * total)
+    assert method.num_live == round((1 - unperturbed) * total)
     for mask, p in zip(method.masks, layout.params, strict=True):
         assert mask.dtype == torch.bool and mask.shape == p.shape and mask.device == p.device
-    again, other = SSAMDMethod(sparsity=sparsity, seed=3), SSAMDMethod(sparsity=sparsity, seed=4)
+    again = SSAMDMethod(unperturbed_fraction=unperturbed, seed=3)
+    other = SSAMDMethod(unperturbed_fraction=unperturbed, seed=4)
     again.setup(layout)
     other.setup(layout)
     assert all(torch.equal(a, b) for a, b in zip(method.masks, again.masks, strict=True))
-    if 0.0 < sparsity < 1.0:
+    if 0.0 < unperturbed < 1.0:
         assert not all(torch.equal(a, b) for a, b in zip(method.masks, other.masks, strict=True))
 
 
@@ -408,7 +392,7 @@ def test_cosine_drop_rate_values() -> None:
 def test_ssamd_takes_the_schedule_length_from_the_trainer(
     make_module, make_trainer, tiny_loader, max_epochs, max_steps, expected
 ) -> None:
-    callback = _SSAMD(seed=0)
+    callback = SSAMD(seed=0)
     make_trainer(callbacks=[callback], max_steps=max_steps, max_epochs=max_epochs, limit_train_batches=4).fit(
         make_module(), tiny_loader
     )
@@ -423,10 +407,10 @@ def test_ssamd_takes_the_schedule_length_from_the_trainer(
 def test_ssamd_steps_and_refreshes_match_reference(make_module, make_trainer, tiny_loader, drop, grow) -> None:
     """Drop the floor(d_t * live) live elements of smallest |g| (pass-1 g of the epoch's first step), grow as
     many of the largest |g| among the dead (random choices are checked for their constraints, then followed)."""
-    epochs, per_epoch, sparsity, drop_rate = 4, 2, 0.6, 0.5
+    epochs, per_epoch, unperturbed, drop_rate = 4, 2, 0.6, 0.5
     module = make_module()
     ref = copy.deepcopy(module.model)
-    callback = _SSAMD(rho=RHO, sparsity=sparsity, drop_rate=drop_rate, drop=drop, grow=grow, seed=1)
+    callback = SSAMD(rho=RHO, unperturbed_fraction=unperturbed, drop_rate=drop_rate, drop=drop, grow=grow, seed=1)
     probe = MaskProbe()
     make_trainer(callbacks=[callback, probe], max_steps=-1, max_epochs=epochs, limit_train_batches=per_epoch).fit(
         module, tiny_loader
@@ -435,7 +419,7 @@ def test_ssamd_steps_and_refreshes_match_reference(make_module, make_trainer, ti
 
     names = list(probe.before[0])
     total = sum(m.numel() for m in probe.before[0].values())
-    live0 = round((1 - sparsity) * total)
+    live0 = round((1 - unperturbed) * total)
     named = dict(ref.named_parameters())
     optimizer = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     mask = flat(probe.before[0], names)
@@ -480,7 +464,7 @@ def test_ssamd_steps_and_refreshes_match_reference(make_module, make_trainer, ti
 
 
 def test_ssamd_every_two_epochs(make_module, make_trainer, tiny_loader) -> None:
-    callback = _SSAMD(sparsity=0.5, update_every_epochs=2, seed=0)
+    callback = SSAMD(unperturbed_fraction=0.5, update_every_epochs=2, seed=0)
     probe = MaskProbe()
     make_trainer(callbacks=[callback, probe], max_steps=-1, max_epochs=5, limit_train_batches=2).fit(
         make_module(), tiny_loader
@@ -496,15 +480,15 @@ def test_ssamd_all_live_equals_sam(make_module, make_trainer, tiny_loader) -> No
     sam, ssam = make_module(), make_module()
     options = {"max_steps": -1, "max_epochs": 2, "limit_train_batches": 3}
     make_trainer(callbacks=[SAM(rho=RHO)], **options).fit(sam, tiny_loader)
-    make_trainer(callbacks=[_SSAMD(rho=RHO, sparsity=0.0, seed=0)], **options).fit(ssam, tiny_loader)
+    make_trainer(callbacks=[SSAMD(rho=RHO, unperturbed_fraction=0.0, seed=0)], **options).fit(ssam, tiny_loader)
     assert_models_equal(ssam, sam)
 
 
 # --- both -------------------------------------------------------------------------------------------------------
 MAKERS: dict[str, Callable[[], SharpnessAware]] = {
-    "ssam_f": lambda: _SSAMF(num_samples=16),
-    "ssam_d": lambda: _SSAMD(seed=0),
-    "ssam_d-random": lambda: _SSAMD(drop="random", grow="gradient", seed=0),
+    "ssam_f": lambda: SSAMF(num_samples=16),
+    "ssam_d": lambda: SSAMD(seed=0),
+    "ssam_d-random": lambda: SSAMD(drop="random", grow="gradient", seed=0),
 }
 
 
@@ -525,35 +509,45 @@ def test_short_fit_trains(make_module, make_trainer, tiny_loader, make_callback)
 
 
 @pytest.mark.parametrize(
-    ("make_method", "argument"),
+    ("make_options", "argument"),
     [
-        (lambda: SSAMFMethod(rho=-1), "rho"),
-        (lambda: SSAMFMethod(sparsity=-0.1), "sparsity"),
-        (lambda: SSAMFMethod(sparsity=1.5), "sparsity"),
-        (lambda: SSAMFMethod(sparsity="half"), "sparsity"),
-        (lambda: SSAMFMethod(num_samples=0), "num_samples"),
-        (lambda: SSAMFMethod(num_samples=2.5), "num_samples"),
-        (lambda: SSAMFMethod(update_every_epochs=0), "update_every_epochs"),
-        (lambda: SSAMFMethod(per_sample="batched"), "per_sample"),
-        (lambda: SSAMDMethod(rho=float("nan")), "rho"),
-        (lambda: SSAMDMethod(sparsity=2), "sparsity"),
-        (lambda: SSAMDMethod(drop_rate=-0.5), "drop_rate"),
-        (lambda: SSAMDMethod(drop_rate=1.01), "drop_rate"),
-        (lambda: SSAMDMethod(update_every_epochs=True), "update_every_epochs"),
-        (lambda: SSAMDMethod(drop="weight"), "drop"),
-        (lambda: SSAMDMethod(grow="magnitude"), "grow"),
-        (lambda: SSAMDMethod(seed=1.5), "seed"),
+        (lambda: SSAMFOptions(rho=-1), "rho"),
+        (lambda: SSAMFOptions(unperturbed_fraction=-0.1), "unperturbed_fraction"),
+        (lambda: SSAMFOptions(unperturbed_fraction=1.5), "unperturbed_fraction"),
+        (lambda: SSAMFOptions(unperturbed_fraction="half"), "unperturbed_fraction"),
+        (lambda: SSAMFOptions(num_samples=0), "num_samples"),
+        (lambda: SSAMFOptions(num_samples=2.5), "num_samples"),
+        (lambda: SSAMFOptions(update_every_epochs=0), "update_every_epochs"),
+        (lambda: SSAMFOptions(per_sample="batched"), "per_sample"),
+        (lambda: SSAMDOptions(rho=float("nan")), "rho"),
+        (lambda: SSAMDOptions(unperturbed_fraction=2), "unperturbed_fraction"),
+        (lambda: SSAMDOptions(drop_rate=-0.5), "drop_rate"),
+        (lambda: SSAMDOptions(drop_rate=1.01), "drop_rate"),
+        (lambda: SSAMDOptions(update_every_epochs=True), "update_every_epochs"),
+        (lambda: SSAMDOptions(drop="weight"), "drop"),
+        (lambda: SSAMDOptions(grow="magnitude"), "grow"),
+        (lambda: SSAMDOptions(seed=1.5), "seed"),
     ],
 )
-def test_bad_arguments_name_the_argument(make_method, argument: str) -> None:
+def test_bad_arguments_name_the_argument(make_options, argument: str) -> None:
     with pytest.raises(ValueError, match=rf"^{argument}\b"):
-        make_method()
+        make_options()
+
+
+@pytest.mark.parametrize("make", [SSAMF, SSAMD, lightning_slsam.optim.SSAMD], ids=["SSAMF", "SSAMD", "optim.SSAMD"])
+def test_the_papers_name_sparsity_is_refused_with_the_new_name(make) -> None:
+    """SSAM's "sparsity" (the fraction NOT perturbed) is ``unperturbed_fraction`` here: SL-SAM's ``sparsity`` is
+    the fraction of arms that ARE active, and one name must not mean both."""
+    model = nn.Linear(2, 2)
+    args = (model, torch.optim.SGD(model.parameters(), lr=0.1)) if make.__module__.endswith("optim") else ()
+    with pytest.raises(TypeError, match="'sparsity' was renamed 'unperturbed_fraction'"):
+        make(*args, sparsity=0.5)
 
 
 @pytest.mark.parametrize("kind", ["ssam_f", "ssam_d"])
 def test_state_dict_round_trip_restores_masks(make_module, make_trainer, tiny_loader, kind: str) -> None:
     module = make_module()
-    callback = _SSAMF(num_samples=16) if kind == "ssam_f" else _SSAMD(grow="random", seed=5)
+    callback = SSAMF(num_samples=16) if kind == "ssam_f" else SSAMD(grow="random", seed=5)
     make_trainer(callbacks=[callback], max_steps=-1, max_epochs=3, limit_train_batches=2).fit(module, tiny_loader)
     method = callback.method
     state = method.state_dict()
@@ -586,7 +580,7 @@ class StopAfter(L.Callback):
 @pytest.mark.parametrize("kind", ["ssam_f", "ssam_d"])
 def test_resume_from_checkpoint_is_exact(make_module, make_trainer, tiny_loader, tmp_path, kind: str) -> None:
     def make_callback() -> SharpnessAware:
-        return _SSAMF(rho=RHO, num_samples=16) if kind == "ssam_f" else _SSAMD(rho=RHO, drop="random", seed=2)
+        return SSAMF(rho=RHO, num_samples=16) if kind == "ssam_f" else SSAMD(rho=RHO, drop="random", seed=2)
 
     options = {"max_steps": -1, "max_epochs": 4, "limit_train_batches": 2}
     straight = make_module()

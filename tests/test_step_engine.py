@@ -46,13 +46,29 @@ def closure_of(module: str) -> set[str]:
     return seen
 
 
-def test_the_engine_imports_no_lightning() -> None:
-    modules = closure_of("lightning_slsam.step_engine")
-    assert "lightning_slsam.step_engine" in modules and "lightning_slsam.methods.interface" in modules
+def _lightning_imports(name: str) -> set[str]:
+    return {m for m in imported_modules(name) if m == "lightning" or m.startswith(("lightning.", "pytorch_"))}
+
+
+METHOD_MODULES = sorted(f"lightning_slsam.methods.{p.stem}" for p in (PACKAGE / "methods").glob("*.py"))
+
+
+@pytest.mark.parametrize("top", ["lightning_slsam.step_engine", "lightning_slsam.optim", *METHOD_MODULES])
+def test_the_engine_the_methods_and_optim_import_no_lightning(top: str) -> None:
+    """The step engine, every module under ``methods/`` (SSAM's Fisher samples reach it through the adapter)
+    and the plain-PyTorch API, with everything they import, never import Lightning."""
+    modules = closure_of(top)
+    assert top in modules
     for name in sorted(modules):
-        lightning = {m for m in imported_modules(name) if m == "lightning" or m.startswith(("lightning.", "pytorch_"))}
-        assert not lightning, f"{name} imports {lightning}"
+        assert not _lightning_imports(name), f"{name} imports {_lightning_imports(name)}"
     assert "lightning_slsam.mixin" not in modules and "lightning_slsam.callback" not in modules
+
+
+def test_the_lightning_sample_drawing_is_the_adapters() -> None:
+    assert _lightning_imports("lightning_slsam.fisher_samples")
+    assert "lightning_slsam.fisher_samples" in closure_of("lightning_slsam.callback")
+    assert "lightning_slsam.methods.fisher_score" in closure_of("lightning_slsam.methods.ssam")
+    assert len(METHOD_MODULES) >= 12
 
 
 @pytest.mark.parametrize(

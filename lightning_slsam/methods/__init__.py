@@ -2,7 +2,7 @@
 
 from lightning_slsam.methods.arsam import ARSAMMethod
 from lightning_slsam.methods.base import BaseMethod
-from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.interface import EpochStart, Method, PassOne
 from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
 from lightning_slsam.methods.looksam import LookSAMMethod
 from lightning_slsam.methods.rst import RSTMethod
@@ -13,6 +13,7 @@ from lightning_slsam.methods.ssam import SSAMDMethod, SSAMFMethod
 __all__ = [
     "ARSAMMethod",
     "BaseMethod",
+    "EpochStart",
     "LayerwiseGNPMethod",
     "LookSAMMethod",
     "Method",

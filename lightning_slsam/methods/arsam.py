@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_slsam.argument_checks import check_fraction, check_int, check_number, check_rho
 from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.methods.interface import EpochStart, Method, PassOne
 from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.perturbation import NORM_EPS, tensor_norms
 
@@ -139,8 +139,8 @@ class ARSAMMethod(Method):
             mask[: len(layout) - self.last_arms] = False
         self._ratio_arms = mask
 
-    def on_train_epoch_start(self, trainer: Any, module: nn.Module) -> None:
-        self._epoch = int(trainer.current_epoch)
+    def start_epoch(self, start: EpochStart) -> None:
+        self._epoch = start.epoch
 
     @property
     def mean_passes(self) -> float:

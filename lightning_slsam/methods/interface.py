@@ -3,7 +3,7 @@
 The step itself lives in :mod:`lightning_slsam.step_engine` (run by the mixin and by :mod:`lightning_slsam.optim`).
 Per step, a method decides:
 
-0. ``on_train_epoch_start(trainer, module)``: once per epoch (SSAM's mask refresh);
+0. ``start_epoch(start)``: once per epoch, with an :class:`EpochStart` (SSAM's mask refresh, ARSAM's warm-up);
 1. ``pass1_arms()``: which arms take part in pass 1 (at w);
 2. ``pass2_arms(first)``: after pass 1, which arms are perturbed and take part in pass 2 (at w + e), or
    ``None`` for a one-pass step;
@@ -24,7 +24,7 @@ scale and multiplies by the current scale when it reuses it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -68,6 +68,28 @@ class PassOne:
         return torch.where(arms.to(norms.device), norms, 0.0).square().sum().sqrt()
 
 
+@dataclass(frozen=True)
+class EpochStart:
+    """What a method is told at the start of a training epoch: by the callback from the Trainer, or by
+    :meth:`lightning_slsam.optim.SharpnessAwareOptimizer.start_epoch` in a plain loop.
+
+    Attributes:
+        epoch: the epoch about to begin, 0-based.
+        total_epochs: the epochs the run lasts (``max_epochs``, or estimated from ``max_steps``); None when
+            unbounded or unknown.
+        module: the model being trained (None when the caller has none to give).
+        draw_samples: ``n -> batches`` holding the first ``n`` samples of a fresh pass over the training data,
+            on the model's device (SSAM-F's Fisher samples); None when no training data was given.
+        loss_of: the scalar loss of one batch (``module.compute_loss`` under the Trainer); None when unknown.
+    """
+
+    epoch: int
+    total_epochs: int | None = None
+    module: nn.Module | None = None
+    draw_samples: Callable[[int], list[Any]] | None = None
+    loss_of: Callable[[Any], Tensor] | None = None
+
+
 class Method:
     """Base class of all methods; the defaults describe SAM on every arm.
 
@@ -96,7 +118,7 @@ class Method:
         self.layout = layout
         self.all_arms = torch.ones(len(layout), dtype=torch.bool)
 
-    def on_train_epoch_start(self, trainer: Any, module: nn.Module) -> None:
+    def start_epoch(self, start: EpochStart) -> None:
         """Called at the start of every training epoch (before its first step)."""
 
     # --- decisions of one step -------------------------------------------------------------------------

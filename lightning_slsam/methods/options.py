@@ -34,6 +34,8 @@ class MethodOptions:
     name: ClassVar[str] = ""
     #: the arms mode when the user gives none (``arms`` is a step option; layer-wise GNP defaults to ``"block"``)
     default_arms: ClassVar[str] = "tensor"
+    #: old argument names and their new ones; an old name is refused with the new one in the message
+    renamed: ClassVar[dict[str, str]] = {}
 
     def build(self, module: nn.Module, layout: ArmLayout) -> Method:
         """The method of these options for ``module`` and its arms (not yet ``setup``)."""
