@@ -103,7 +103,7 @@ def run_name(method: str, lr: str, seed: int) -> str:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     queue = [(m, lr, s) for s in args.seeds for lr in args.lrs for m in args.methods]
     running: list[tuple[subprocess.Popen, Path]] = []
     started: list[tuple[subprocess.Popen, Path]] = []
@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--lrs", nargs="+", required=True, help="learning rates, as written in the run names")
     p_run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p_run.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    p_run.add_argument("--threads", type=int, default=None, help="threads per run (default: the cores / --jobs)")
     p_run.add_argument("--out", required=True, help="folder of the per-run folders (kept out of git)")
     p_run.add_argument("--extra", nargs="*", default=[], help="more slsam-train overrides for every run")
     p_sum = sub.add_parser("summarize", help="one JSON summary of a sweep folder")

@@ -16,10 +16,21 @@ NORM_EPS = 1e-12
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """The L2 norm of each tensor, as one float32 vector (computed in float32 for half inputs)."""
+    """The L2 norm of each tensor, as one float32 vector (computed in float32 for half inputs, in float64 for
+    float64 inputs: torch refuses to narrow a norm's input dtype)."""
     if not tensors:
         return torch.zeros(0)
-    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+    tensors = list(tensors)
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack(
+            [
+                torch.linalg.vector_norm(
+                    t, 2, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32
+                ).float()
+                for t in tensors
+            ]
+        )
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 def arm_norms(norms: Tensor, arm_index: Tensor, num_arms: int) -> Tensor:
@@ -40,7 +51,8 @@ def sam_perturbation(grads: Sequence[Tensor], rho: float, grad_norm: Tensor, in_
     Args:
         grads: the gradients of the perturbed parameters.
         rho: radius (>= 0).
-        grad_norm: ``||g||`` over the perturbed set (0-d float32 tensor); a non-finite value gives e = 0.
+        grad_norm: ``||g||`` over the perturbed set (0-d float32 tensor); a non-finite value gives e = 0
+            where ``g`` is finite (an inf in ``g`` itself still gives NaN there; such a step is skipped).
         in_place: scale ``grads`` themselves (saves memory when the caller no longer needs g).
     """
     scale = _finite_scale(rho, grad_norm)

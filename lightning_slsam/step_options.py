@@ -91,6 +91,11 @@ def keyword_parameters(*definitions: type[Any]) -> list[inspect.Parameter]:
     parameters = []
     for definition in definitions:
         for f in dataclasses.fields(definition):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:  # a required argument
+                default = inspect.Parameter.empty
             parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
     return parameters

@@ -318,3 +318,30 @@ def test_ddp_replicas_agree_and_gradients_are_averaged(tmp_path: Path) -> None:
     assert not torch.allclose(probs, torch.full_like(probs, 0.4))  # the bandit learned
     for name, value in rank0["single"]["params"].items():
         torch.testing.assert_close(rank0["plain"]["params"][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), METHODS, ids=[name for name, _ in METHODS])
+def test_a_float64_model_trains(name: str, kwargs: dict[str, Any]) -> None:
+    """float64 weights: the per-tensor norms and the finiteness check must not narrow them to float32 (torch
+    refuses); ``Base`` is then exactly plain SGD."""
+    torch.manual_seed(0)
+    model = Holder(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))).double()
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    opt = getattr(optim, name)(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs, **fisher_arguments(name, model)
+    )
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    x, y = torch.randn(48, 4, dtype=torch.float64), torch.randint(0, 3, (48,))
+    if name == "SSAMF":
+        opt.fisher_data = [(x[:16], y[:16])]
+    opt.start_epoch(0, total_epochs=1)
+    for xb, yb in zip(x.split(16), y.split(16), strict=True):
+        opt.step(lambda xb=xb, yb=yb: F.cross_entropy(model.model(xb), yb))
+        opt.zero_grad()
+        plain.zero_grad()
+        F.cross_entropy(reference.model(xb), yb).backward()
+        plain.step()
+    assert opt.skipped.total == 0 and all(p.dtype == torch.float64 for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters(), strict=True))
+    if name == "Base":
+        assert_models_bitwise(model, reference)
