@@ -183,6 +183,12 @@ PRESETS: dict[str, Preset] = {
             32,
             _text_preset("minilm", 64),
         ),
+        Preset(
+            "minilm_seq48",
+            "all-MiniLM-L6-v2 (6 layers, width 384, pretrained), sequence 48, 2 labels (the sst2_noisy task's shape)",
+            32,
+            _text_preset("minilm", 48),
+        ),
     )
 }
 

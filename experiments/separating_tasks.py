@@ -55,6 +55,7 @@ TASKS: dict[str, list[str]] = {
         "data.label_noise=0.3",
         "trainer.max_epochs=6",
         "data.max_length=48",
+        "rho=0.05",
     ],
 }
 
