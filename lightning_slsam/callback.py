@@ -257,15 +257,13 @@ class SharpnessAware(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.method is not None
-        compute_loss = getattr(pl_module, "compute_loss", None)
         self.method.start_epoch(
             EpochStart(
                 epoch=int(trainer.current_epoch),
                 total_epochs=total_epochs(trainer),
                 module=pl_module,
                 draw_samples=functools.partial(draw_training_samples, trainer, pl_module),
-                loss_of=compute_loss if callable(compute_loss) else None,
-            )
+            )  # loss_of None: the module's compute_loss
         )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +33,7 @@ from lightning_slsam.arms import ArmLayout, build_arms
 from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
-from lightning_slsam.methods.fisher_score import first_samples
+from lightning_slsam.methods.fisher_score import compute_loss_of, first_samples
 from lightning_slsam.methods.interface import EpochStart, Method
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
@@ -370,18 +370,14 @@ class SSAMF(SharpnessAwareOptimizer):
         scaler: torch.amp.GradScaler | None = None,
         **method_args: Any,
     ) -> None:
-        if not isinstance(fisher_data, Iterable) or iter(fisher_data) is fisher_data:
+        # an Iterator is used up by one refresh; checked without iter(), which would start a loader's workers
+        if not isinstance(fisher_data, Iterable) or isinstance(fisher_data, Iterator):
             raise ValueError(
                 "fisher_data: SSAMF needs a re-iterable of training batches (a DataLoader; not an iterator, which "
                 f"one refresh would use up), got {type(fisher_data).__name__}"
             )
         if fisher_loss is None:
-            fisher_loss = getattr(model, "compute_loss", None)
-            if not callable(fisher_loss):
-                raise ValueError(
-                    "fisher_loss: SSAMF needs the loss of a batch: pass fisher_loss=lambda batch: ..., or use a "
-                    f"model with compute_loss(batch); {type(model).__name__} has none"
-                )
+            fisher_loss = compute_loss_of(model, "fisher_loss")
         elif not callable(fisher_loss):
             raise ValueError(f"fisher_loss: must be a function of a batch that returns the loss, got {fisher_loss!r}")
         super().__init__(model, base_optimizer, backward=backward, scaler=scaler, **method_args)

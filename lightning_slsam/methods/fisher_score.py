@@ -105,11 +105,13 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _compute_loss_of(module: nn.Module) -> LossOf:
+def compute_loss_of(module: nn.Module, argument: str = "loss_of") -> LossOf:
+    """``module.compute_loss``, the default loss of a batch; a ValueError naming ``argument`` (the caller's name
+    for the loss) when the module has none."""
     compute_loss = getattr(module, "compute_loss", None)
     if not callable(compute_loss):
         raise ValueError(
-            f"loss_of: ssam_f needs the loss of one batch: give loss_of, or a module with compute_loss(batch) "
+            f"{argument}: ssam_f needs the loss of one batch: give {argument}, or a module with compute_loss(batch) "
             f"(SharpnessAwareMixin); {type(module).__name__} has none"
         )
     return compute_loss
@@ -149,7 +151,7 @@ def scores_and_way(
     loss_of: LossOf | None = None,
 ) -> tuple[list[Tensor], str]:
     """:func:`fisher_scores` and the way it took the per-sample gradients (``"vmap"`` or ``"loop"``)."""
-    loss_of = loss_of if loss_of is not None else _compute_loss_of(module)
+    loss_of = loss_of if loss_of is not None else compute_loss_of(module)
     with _eval_mode(module), torch.enable_grad():
         if per_sample in ("auto", "vmap"):
             try:

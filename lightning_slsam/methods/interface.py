@@ -80,7 +80,7 @@ class EpochStart:
         module: the model being trained (None when the caller has none to give).
         draw_samples: ``n -> batches`` holding the first ``n`` samples of a fresh pass over the training data,
             on the model's device (SSAM-F's Fisher samples); None when no training data was given.
-        loss_of: the scalar loss of one batch (``module.compute_loss`` under the Trainer); None when unknown.
+        loss_of: the scalar loss of one batch; None means ``module.compute_loss`` (as under the Trainer).
     """
 
     epoch: int
