@@ -80,6 +80,10 @@ METHODS: dict[str, list[str]] = {
     ],
     # the update scaling alone (max_update_scale=5): the lever that carried the gain, shipped as slsam_plus
     "slsam_plus": ["method=slsam_plus"],
+    # slsam_plus with one more lever each: the text task's probes (slsam_plus kept half of SAM's gain there)
+    "slsam_plus_head_vectors": ["method=slsam_plus", "method.always_active=[head,vectors]"],
+    "slsam_plus_rm": ["method=slsam_plus", "method.norm_scale=running_mean"],
+    "slsam_plus_s05": ["method=slsam_plus", "method.sparsity=0.5"],
 }
 
 
