@@ -205,11 +205,27 @@ def summarize(args: argparse.Namespace) -> int:
         print(f"no result.json below {args.sweep}", file=sys.stderr)
         return 1
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     task = Path(args.sweep).name
+    if args.merge and out.is_file():
+        runs = merge_runs(json.loads(out.read_text()), runs, task)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"task": task, "overrides": TASKS.get(task), "runs": runs}, indent=1) + "\n")
     print(f"{len(runs)} runs -> {out}")
     return 0
+
+
+def merge_runs(summary: dict[str, Any], runs: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """The runs of an existing ``summary`` of ``task`` followed by ``runs``, a new run replacing an old one of the
+    same method, learning rate and seed (the per-run folders stay out of git, so a summary is how earlier runs
+    survive a later sweep)."""
+    if summary.get("task") != task:
+        raise SystemExit(f"--merge: the summary is of task {summary.get('task')!r}, the sweep of {task!r}")
+
+    def key(r: dict[str, Any]) -> tuple[str, float, int]:
+        return r["method"], float(r["lr"]), int(r["seed"])
+
+    new = {key(r) for r in runs}
+    return [r for r in summary["runs"] if key(r) not in new] + runs
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
@@ -442,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sum = sub.add_parser("summarize", help="one JSON summary of a sweep folder")
     p_sum.add_argument("sweep")
     p_sum.add_argument("--out", required=True)
+    p_sum.add_argument(
+        "--merge", action="store_true", help="keep the runs already in --out that this sweep did not rerun"
+    )
     p_rep = sub.add_parser("report", help="markdown tables and figures from a summary")
     p_rep.add_argument("summary")
     p_rep.add_argument("--bench", default=None, help="the step benchmark's JSON (step-time and memory ratios)")

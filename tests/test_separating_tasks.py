@@ -123,6 +123,26 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
     assert (assets / "digits_noisy_accuracy_vs_time.png").is_file()
 
 
+def test_merge_keeps_earlier_runs_and_replaces_reruns(tasks, tmp_path: Path) -> None:
+    first = tmp_path / "first" / "digits_noisy"
+    write_run(first, "base", 1e-3, 0, [0.5, 0.6])
+    write_run(first, "sam", 1e-3, 0, [0.5, 0.7])
+    summary = tmp_path / "summary.json"
+    assert tasks.main(["summarize", str(first), "--out", str(summary)]) == 0
+    second = tmp_path / "second" / "digits_noisy"
+    write_run(second, "sam", 1e-3, 0, [0.5, 0.8])  # a rerun replaces the old record
+    write_run(second, "rst", 1e-3, 0, [0.5, 0.65])
+    assert tasks.main(["summarize", str(second), "--out", str(summary), "--merge"]) == 0
+    runs = {(r["method"], r["seed"]): r["final"] for r in json.loads(summary.read_text())["runs"]}
+    assert runs == {("base", 0): 0.6, ("sam", 0): 0.8, ("rst", 0): 0.65}
+    other = tmp_path / "third" / "sst2_noisy"
+    write_run(other, "base", 1e-3, 0, [0.5, 0.6])
+    with pytest.raises(SystemExit, match="task 'digits_noisy'"):
+        tasks.main(["summarize", str(other), "--out", str(summary), "--merge"])
+    assert tasks.main(["summarize", str(second), "--out", str(summary)]) == 0  # without --merge: only this sweep
+    assert len(json.loads(summary.read_text())["runs"]) == 2
+
+
 def test_summary_reads_a_real_run(tasks, tmp_path: Path) -> None:
     from conftest import SHRINK, compose_config
 
