@@ -87,6 +87,19 @@ METHODS: dict[str, list[str]] = {
 }
 
 
+def bench_name(method: str) -> str:
+    """The step benchmark's name of a sweep method (``NAME[:key=value,...]``, see ``bench_step.py``), read off its
+    overrides: ``slsam_plus_s05`` -> ``slsam_plus:sparsity=0.5``."""
+    name, arguments = "", []
+    for override in METHODS[method]:
+        key, _, value = override.partition("=")
+        if key == "method":
+            name = value
+        else:
+            arguments.append(f"{key.removeprefix('method.')}={value}")
+    return name + (":" + ",".join(arguments) if arguments else "")
+
+
 def finished(folder: Path) -> bool:
     """Whether the run in ``folder`` ended: its record says so (``finished``), or, for records written before that
     key existed, its output ends with the CLI's closing line."""
@@ -308,7 +321,8 @@ def cost_table(
 def report(args: argparse.Namespace) -> int:
     summary = json.loads(Path(args.summary).read_text())
     runs, task = summary["runs"], summary["task"]
-    bench = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
+    measured = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
+    bench = {m: measured[bench_name(m)] for m in METHODS if bench_name(m) in measured}
     cost = {m: row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
     cost_sam = {m: row.get("cost_vs_sam") for m, row in bench.items()}
     memory = {m: row.get("memory_vs_base") for m, row in bench.items()}

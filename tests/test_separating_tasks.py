@@ -64,6 +64,26 @@ def test_best_learning_rate_is_the_highest_mean_final(tasks) -> None:
     assert tasks.best_learning_rates(runs, "best") == {"sam": 1e-3, "base": 3e-3}
 
 
+def test_bench_names_follow_the_overrides(tasks) -> None:
+    assert tasks.bench_name("sam") == "sam"
+    assert tasks.bench_name("slsam_plus_s05") == "slsam_plus:sparsity=0.5"
+    assert tasks.bench_name("slsam_all_levers") == (
+        "slsam:always_active=[head,vectors],norm_scale=running_mean,max_update_scale=5.0"
+    )
+    spec = importlib.util.spec_from_file_location("bench_step_names", SCRIPT.parent / "bench_step.py")
+    assert spec is not None and spec.loader is not None
+    bench_step = importlib.util.module_from_spec(spec)
+    sys.modules["bench_step_names"] = bench_step  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench_step)
+    finally:
+        sys.modules.pop("bench_step_names", None)
+    for method in tasks.METHODS:  # the benchmark builds every sweep method from its name
+        callback = bench_step.make_callback(tasks.bench_name(method))
+        assert callback.options.name == tasks.METHODS[method][0].removeprefix("method=")
+    assert bench_step.make_callback("slsam_plus:sparsity=0.5").sparsity == 0.5
+
+
 def test_accuracy_at_time_is_the_best_within_the_budget(tasks) -> None:
     curve = [
         {"epoch": 0, "step": 9, "acc": 0.5},
