@@ -425,13 +425,17 @@ def _plot_accuracy_vs_time(
     return path
 
 
+#: the methods whose sampling probabilities (seed 0, best-epoch learning rate) are drawn as a heatmap
+HEATMAP_METHODS = ("slsam", "slsam_plus", "slsam_plus_s05")
+
+
 def _plot_heatmaps(task: str, runs: list[dict[str, Any]], chosen: dict[str, Any], assets: Path) -> list[Path]:
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return []
     paths = []
-    for method in ("slsam", "slsam_plus"):
+    for method in HEATMAP_METHODS:
         run_ = next(
             (r for r in runs if r["method"] == method and r["lr"] == chosen.get(method) and r["probabilities"]), None
         )
