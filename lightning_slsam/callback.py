@@ -515,7 +515,8 @@ class SLSAM(SharpnessAware):
 
 
 class SLSAMPlus(SharpnessAware):
-    """SL-SAM with its update scaled for the sampling rate (``max_update_scale=5``): method ``slsam_plus``.
+    """SL-SAM with the head and 1-D tensors always active and its update scaled for the sampling rate
+    (``always_active=["head", "vectors"]``, ``max_update_scale=5``): method ``slsam_plus``.
     Arguments: :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
     options_class = SLSAMPlusOptions

@@ -424,7 +424,7 @@ class SLSAM(SharpnessAwareOptimizer):
 
 
 class SLSAMPlus(SharpnessAwareOptimizer):
-    """SL-SAM with its update scaled for the sampling rate: arguments
+    """SL-SAM with the head and 1-D tensors always active and its update scaled for the sampling rate: arguments
     :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
     options_class = SLSAMPlusOptions

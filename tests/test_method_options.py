@@ -164,10 +164,12 @@ def test_an_unknown_argument_is_named_with_the_accepted_ones(name: str) -> None:
         CALLBACKS[name](rh0=0.1)
 
 
-def test_slsam_plus_is_slsam_with_the_update_scaled() -> None:
+def test_slsam_plus_is_slsam_with_head_and_vectors_pinned_and_the_update_scaled() -> None:
     plus, plain = METHOD_OPTIONS["slsam_plus"](), METHOD_OPTIONS["slsam"]()
     assert plus.max_update_scale == 5.0 and plain.max_update_scale is None
-    assert dataclasses.replace(plus, max_update_scale=None).as_dict() == plain.as_dict()
+    assert plus.always_active == ["head", "vectors"] and plain.always_active == []
+    assert dataclasses.replace(plus, max_update_scale=None, always_active=[]).as_dict() == plain.as_dict()
+    assert METHOD_OPTIONS["slsam_plus"]().always_active is not plus.always_active  # no shared default list
 
 
 def test_a_subclass_may_build_its_own_method() -> None:

@@ -213,12 +213,26 @@ def test_pinned_head_and_vectors_are_active_every_step(make_trainer, tiny_loader
     assert not torch.equal(snapshot(module)["model.0.weight"], snapshot(TinyNet(batch_norm=True))["model.0.weight"])
 
 
-def test_slsam_plus_is_slsam_with_scaled_updates(make_trainer, tiny_loader) -> None:
-    plus, slsam = TinyNet(), TinyNet()
+def test_slsam_plus_is_slsam_with_pinned_head_and_vectors_and_scaled_updates(make_trainer, tiny_loader) -> None:
+    plus, slsam = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
     callback = SLSAMPlus(rho=RHO, seed=0)
     make_trainer(callbacks=[callback], max_steps=STEPS).fit(plus, tiny_loader)
     assert callback.method is not None and callback.method.name == "slsam_plus"
-    make_trainer(callbacks=[SLSAM(rho=RHO, seed=0, max_update_scale=5.0)], max_steps=STEPS).fit(slsam, tiny_loader)
+    same = SLSAM(rho=RHO, seed=0, max_update_scale=5.0, always_active=["head", "vectors"])
+    make_trainer(callbacks=[same], max_steps=STEPS).fit(slsam, tiny_loader)
+    for (name, p), q in zip(plus.named_parameters(), slsam.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # the pinned arms took part in every step: the head and every 1-D tensor moved
+    fresh = snapshot(TinyNet(batch_norm=True))
+    for name in ("model.5.weight", "model.5.bias", "model.1.weight", "model.1.bias", "model.3.bias"):
+        assert not torch.equal(snapshot(plus)[name], fresh[name]), name
+
+
+def test_slsam_plus_levers_can_be_switched_off_to_the_papers_rule(make_trainer, tiny_loader) -> None:
+    plus, slsam = TinyNet(), TinyNet()
+    off = SLSAMPlus(rho=RHO, seed=0, always_active=[], max_update_scale=None)
+    make_trainer(callbacks=[off], max_steps=STEPS).fit(plus, tiny_loader)
+    make_trainer(callbacks=[SLSAM(rho=RHO, seed=0)], max_steps=STEPS).fit(slsam, tiny_loader)
     for (name, p), q in zip(plus.named_parameters(), slsam.parameters(), strict=True):
         assert torch.equal(p, q), name
 
