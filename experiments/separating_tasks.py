@@ -78,12 +78,12 @@ METHODS: dict[str, list[str]] = {
         "method.norm_scale=running_mean",
         "method.max_update_scale=5.0",
     ],
-    # the update scaling alone (max_update_scale=5): the lever that carried the gain, shipped as slsam_plus
+    # the update scaling alone (max_update_scale=5), and with one more lever each (the text task's probes)
+    "slsam_scaled": ["method=slsam", "method.max_update_scale=5.0"],
+    "slsam_scaled_rm": ["method=slsam", "method.max_update_scale=5.0", "method.norm_scale=running_mean"],
+    "slsam_scaled_s05": ["method=slsam", "method.max_update_scale=5.0", "method.sparsity=0.5"],
+    # the shipped combination: the head and 1-D tensors always active, and the update scaling
     "slsam_plus": ["method=slsam_plus"],
-    # slsam_plus with one more lever each: the text task's probes (slsam_plus kept half of SAM's gain there)
-    "slsam_plus_head_vectors": ["method=slsam_plus", "method.always_active=[head,vectors]"],
-    "slsam_plus_rm": ["method=slsam_plus", "method.norm_scale=running_mean"],
-    "slsam_plus_s05": ["method=slsam_plus", "method.sparsity=0.5"],
 }
 
 
@@ -426,7 +426,7 @@ def _plot_accuracy_vs_time(
 
 
 #: the methods whose sampling probabilities (seed 0, best-epoch learning rate) are drawn as a heatmap
-HEATMAP_METHODS = ("slsam", "slsam_plus", "slsam_plus_s05")
+HEATMAP_METHODS = ("slsam", "slsam_scaled", "slsam_scaled_s05", "slsam_plus")
 
 
 def _plot_heatmaps(task: str, runs: list[dict[str, Any]], chosen: dict[str, Any], assets: Path) -> list[Path]:

@@ -66,7 +66,7 @@ def test_best_learning_rate_is_the_highest_mean_final(tasks) -> None:
 
 def test_bench_names_follow_the_overrides(tasks) -> None:
     assert tasks.bench_name("sam") == "sam"
-    assert tasks.bench_name("slsam_plus_s05") == "slsam_plus:sparsity=0.5"
+    assert tasks.bench_name("slsam_scaled_s05") == "slsam:max_update_scale=5.0,sparsity=0.5"
     assert tasks.bench_name("slsam_all_levers") == (
         "slsam:always_active=[head,vectors],norm_scale=running_mean,max_update_scale=5.0"
     )
@@ -81,7 +81,7 @@ def test_bench_names_follow_the_overrides(tasks) -> None:
     for method in tasks.METHODS:  # the benchmark builds every sweep method from its name
         callback = bench_step.make_callback(tasks.bench_name(method))
         assert callback.options.name == tasks.METHODS[method][0].removeprefix("method=")
-    assert bench_step.make_callback("slsam_plus:sparsity=0.5").sparsity == 0.5
+    assert bench_step.make_callback(tasks.bench_name("slsam_scaled_s05")).sparsity == 0.5
 
 
 def test_accuracy_at_time_is_the_best_within_the_budget(tasks) -> None:
