@@ -89,7 +89,7 @@ METHODS: dict[str, list[str]] = {
 
 def bench_name(method: str) -> str:
     """The step benchmark's name of a sweep method (``NAME[:key=value,...]``, see ``bench_step.py``), read off its
-    overrides: ``slsam_plus_s05`` -> ``slsam_plus:sparsity=0.5``."""
+    overrides: ``slsam_scaled_s05`` -> ``slsam:max_update_scale=5.0,sparsity=0.5``."""
     name, arguments = "", []
     for override in METHODS[method]:
         key, _, value = override.partition("=")
@@ -322,7 +322,7 @@ def report(args: argparse.Namespace) -> int:
     summary = json.loads(Path(args.summary).read_text())
     runs, task = summary["runs"], summary["task"]
     measured = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
-    bench = {m: measured[bench_name(m)] for m in METHODS if bench_name(m) in measured}
+    bench = {m: measured[name] for m in METHODS if (name := bench_name(m)) in measured}
     cost = {m: row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
     cost_sam = {m: row.get("cost_vs_sam") for m, row in bench.items()}
     memory = {m: row.get("memory_vs_base") for m, row in bench.items()}

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -13,6 +18,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_slsam import SharpnessAwareMixin
+
+
+@contextlib.contextmanager
+def experiment_script(path: Path, name: str | None = None) -> Iterator[ModuleType]:
+    """The script at ``path`` (one of ``experiments/``) imported as the module ``name`` (default: its stem), which
+    stays in ``sys.modules`` while in use: the dataclasses of a script look their module up there."""
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
 
 IN_FEATURES = 8
 NUM_CLASSES = 3

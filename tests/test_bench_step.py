@@ -5,28 +5,22 @@ No timing is asserted: the numbers depend on the machine. The real runs are in e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
-import sys
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import experiment_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_step", None)
+    with experiment_script(SCRIPT) as module:
+        yield module
 
 
 @pytest.mark.slow

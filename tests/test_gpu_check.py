@@ -7,7 +7,6 @@ step benchmark on a tiny preset; the CUDA-only parts must be reported as skipped
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import experiment_script
 
 import lightning_slsam.step_engine as step_engine
 
@@ -39,13 +39,8 @@ COST_METHODS = {"base", "sam", "looksam", "lagnp", "slsam"}
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+    with experiment_script(SCRIPT) as module:
+        yield module
 
 
 @pytest.mark.slow

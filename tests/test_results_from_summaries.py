@@ -3,13 +3,12 @@ the command rewrites stale tables and writes the figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import experiment_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "results_from_summaries.py"
@@ -19,13 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def regenerate():
-    spec = importlib.util.spec_from_file_location("results_from_summaries", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["results_from_summaries"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("results_from_summaries", None)
+    with experiment_script(SCRIPT) as module:
+        yield module
 
 
 def test_the_page_tables_are_those_of_the_summaries(regenerate, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,25 +6,19 @@ The run folders are written here in the formats ``slsam-train`` writes (``result
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import experiment_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "separating_tasks.py"
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    spec = importlib.util.spec_from_file_location("separating_tasks", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["separating_tasks"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("separating_tasks", None)
+    with experiment_script(SCRIPT) as module:
+        yield module
 
 
 def write_run(root: Path, method: str, lr: float, seed: int, accs: list[float], steps_per_epoch: int = 10) -> None:
@@ -70,18 +64,11 @@ def test_bench_names_follow_the_overrides(tasks) -> None:
     assert tasks.bench_name("slsam_all_levers") == (
         "slsam:always_active=[head,vectors],norm_scale=running_mean,max_update_scale=5.0"
     )
-    spec = importlib.util.spec_from_file_location("bench_step_names", SCRIPT.parent / "bench_step.py")
-    assert spec is not None and spec.loader is not None
-    bench_step = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step_names"] = bench_step  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(bench_step)
-    finally:
-        sys.modules.pop("bench_step_names", None)
-    for method in tasks.METHODS:  # the benchmark builds every sweep method from its name
-        callback = bench_step.make_callback(tasks.bench_name(method))
-        assert callback.options.name == tasks.METHODS[method][0].removeprefix("method=")
-    assert bench_step.make_callback(tasks.bench_name("slsam_scaled_s05")).sparsity == 0.5
+    with experiment_script(SCRIPT.parent / "bench_step.py", "bench_step_names") as bench_step:
+        for method in tasks.METHODS:  # the benchmark builds every sweep method from its name
+            callback = bench_step.make_callback(tasks.bench_name(method))
+            assert callback.options.name == tasks.METHODS[method][0].removeprefix("method=")
+        assert bench_step.make_callback(tasks.bench_name("slsam_scaled_s05")).sparsity == 0.5
 
 
 def test_accuracy_at_time_is_the_best_within_the_budget(tasks) -> None:
