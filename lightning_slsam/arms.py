@@ -9,7 +9,10 @@ Three modes (docs/design.md#arms):
   blocks) is one arm; every parameter outside such a block is grouped by the module that owns it, so
   embeddings, norms and the head are arms of their own.
 
-Parameters frozen when the layout is built (``requires_grad=False``) are never arms. A parameter shared
+By default, parameters frozen when the layout is built (``requires_grad=False``) are not arms. The step's
+adapters build the layout with ``include_frozen=True``: every parameter of the model is in an arm, and which
+of them the step may train is read again at every step (:mod:`lightning_slsam.trainable`), so that a layer frozen
+or unfrozen during training, or a parameter group added to the optimizer, is followed. A parameter shared
 by several modules (tied weights) belongs to the first arm that reaches it.
 """
 
@@ -110,12 +113,13 @@ class ArmLayout:
         return "\n".join(rows)
 
 
-def build_arms(module: nn.Module, mode: str = "tensor") -> ArmLayout:
-    """Split ``module``'s trainable parameters into arms.
+def build_arms(module: nn.Module, mode: str = "tensor", *, include_frozen: bool = False) -> ArmLayout:
+    """Split ``module``'s trainable parameters (every parameter with ``include_frozen``) into arms.
 
     Args:
         module: the model (usually the LightningModule itself).
         mode: ``"tensor"`` (default), ``"module"`` or ``"block"``; see the module docstring.
+        include_frozen: also group the parameters with ``requires_grad=False`` (default False).
 
     Raises:
         ValueError: unknown ``mode``, or no trainable parameters.
@@ -123,31 +127,33 @@ def build_arms(module: nn.Module, mode: str = "tensor") -> ArmLayout:
     if mode not in ARM_MODES:
         raise ValueError(f"arms: unknown arms mode {mode!r}; expected one of {', '.join(ARM_MODES)}")
     if mode == "tensor":
-        arms = [Arm(name, (name,), (p,)) for name, p in module.named_parameters() if p.requires_grad]
+        arms = [Arm(name, (name,), (p,)) for name, p in module.named_parameters() if p.requires_grad or include_frozen]
     else:
-        arms = _grouped_arms(module, blocks=mode == "block")
+        arms = _grouped_arms(module, blocks=mode == "block", include_frozen=include_frozen)
     return ArmLayout(arms, mode)
 
 
-def _trainable(module: nn.Module, prefix: str, seen: set[int], recurse: bool) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters of ``module`` not yet assigned to an arm, marking them assigned."""
+def _trainable(
+    module: nn.Module, prefix: str, seen: set[int], recurse: bool, include_frozen: bool
+) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters (all with ``include_frozen``) of ``module`` not yet in an arm, marking them assigned."""
     found = []
     for name, p in module.named_parameters(recurse=recurse):
-        if p.requires_grad and id(p) not in seen:
+        if (p.requires_grad or include_frozen) and id(p) not in seen:
             seen.add(id(p))
             found.append((f"{prefix}.{name}" if prefix else name, p))
     return found
 
 
-def _has_trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+def _has_trainable(module: nn.Module, include_frozen: bool) -> bool:
+    return any(p.requires_grad or include_frozen for p in module.parameters())
 
 
-def _block_children(container: nn.Module) -> set[str]:
+def _block_children(container: nn.Module, include_frozen: bool) -> set[str]:
     """Names of the children of ``container`` that sit in a run of >= 2 same-typed parameter holders."""
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
         return set()
-    holders = [(name, child) for name, child in container.named_children() if _has_trainable(child)]
+    holders = [(name, child) for name, child in container.named_children() if _has_trainable(child, include_frozen)]
     blocks: set[str] = set()
     start = 0
     for end in range(1, len(holders) + 1):
@@ -158,7 +164,7 @@ def _block_children(container: nn.Module) -> set[str]:
     return blocks
 
 
-def _grouped_arms(root: nn.Module, blocks: bool) -> list[Arm]:
+def _grouped_arms(root: nn.Module, blocks: bool, include_frozen: bool) -> list[Arm]:
     arms: list[Arm] = []
     seen: set[int] = set()
 
@@ -167,12 +173,12 @@ def _grouped_arms(root: nn.Module, blocks: bool) -> list[Arm]:
             arms.append(Arm(name or ROOT_NAME, tuple(n for n, _ in named), tuple(p for _, p in named)))
 
     def visit(module: nn.Module, prefix: str) -> None:
-        add(prefix, _trainable(module, prefix, seen, recurse=False))
-        block_names = _block_children(module) if blocks else set()
+        add(prefix, _trainable(module, prefix, seen, recurse=False, include_frozen=include_frozen))
+        block_names = _block_children(module, include_frozen) if blocks else set()
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             if name in block_names:
-                add(path, _trainable(child, path, seen, recurse=True))
+                add(path, _trainable(child, path, seen, recurse=True, include_frozen=include_frozen))
             else:
                 visit(child, path)
 

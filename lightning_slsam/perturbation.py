@@ -7,6 +7,7 @@ whatever the number of tensors) and never move a value to the host.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,3 +110,53 @@ def restore(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
     """``w <- saved``, bitwise (never ``w - e``, which drifts)."""
     if params:
         torch._foreach_copy_(list(params), list(saved))
+
+
+class PerturbationGuard:
+    """The weights a step has perturbed, and their values at ``w``, for as long as they are perturbed.
+
+    The step records the saved copies (:meth:`hold`) before it adds the ascent and drops them only after the
+    bitwise restore (:meth:`restore`). While a record is held the parameters' true values are the saved ones:
+    an exception or a signal at any point of the step (Ctrl-C, a SLURM requeue that saves a checkpoint from its
+    signal handler) can put them back (:meth:`restore`, idempotent) or write them into a checkpoint instead of
+    ``w + e`` (:meth:`true_values`).
+    """
+
+    def __init__(self) -> None:
+        self._params: list[Tensor] = []
+        self._saved: list[Tensor] = []
+
+    @property
+    def perturbed(self) -> bool:
+        """Whether a perturbation is live (weights possibly at ``w + e``)."""
+        return bool(self._params)
+
+    def hold(self, params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+        """Record ``saved`` as the true values of ``params`` (call before the ascent is applied)."""
+        self._params, self._saved = list(params), list(saved)
+
+    def restore(self) -> None:
+        """Put the held parameters back to their saved values, bitwise, and drop the record (no-op when none)."""
+        if self._params:
+            restore(self._params, self._saved)
+        self._params, self._saved = [], []
+
+    def true_values(self) -> dict[int, Tensor]:
+        """The saved value of each perturbed parameter, by the ``data_ptr`` of its storage (empty when none)."""
+        return {p.data_ptr(): s for p, s in zip(self._params, self._saved, strict=True) if p.numel()}
+
+    def patch_state_dict(self, state_dict: dict[str, Any]) -> int:
+        """Replace, in a model ``state_dict`` taken during a step, the perturbed weights by their values at ``w``.
+
+        Entries are matched by storage (``state_dict()`` tensors share it with the parameters), so prefixes and
+        tied names are covered. Returns how many entries were replaced.
+        """
+        true = self.true_values()
+        if not true:
+            return 0
+        replaced = 0
+        for key, value in state_dict.items():
+            if isinstance(value, Tensor) and value.data_ptr() in true and true[value.data_ptr()].shape == value.shape:
+                state_dict[key] = true[value.data_ptr()].clone()
+                replaced += 1
+        return replaced
