@@ -16,10 +16,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: the largest float32: the ascent ``rho * g / ||g||`` is computed in the gradients' precision, and a larger
+#: radius would overflow to inf, which the step treats as no ascent at all
+MAX_RHO = 3.4028234663852886e38
+
+#: the range ``torch.Generator.manual_seed`` takes
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def check_rho(rho: Any) -> float:
-    """The perturbation radius: a finite number >= 0."""
-    if not (_is_number(rho) and 0.0 <= rho < math.inf):
-        raise ValueError(f"rho: the perturbation radius must be a finite number >= 0, got {rho!r}")
+    """The perturbation radius: a finite number >= 0 that float32 can hold."""
+    if not (_is_number(rho) and 0.0 <= rho <= MAX_RHO):
+        raise ValueError(
+            f"rho: the perturbation radius must be a finite number >= 0 (at most {MAX_RHO:.3g}, float32's largest), "
+            f"got {rho!r}"
+        )
     return float(rho)
 
 
@@ -84,6 +95,9 @@ def check_bool(name: str, value: Any) -> bool:
 
 def check_seed(name: str, value: Any) -> int | None:
     """A generator seed: an int, or None to draw one from the global torch RNG."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{name}: must be an int or None, got {value!r}")
+    low, high = SEED_RANGE
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        raise ValueError(
+            f"{name}: must be an int in [-2**63, 2**64 - 1] (a torch generator's seed) or None, got {value!r}"
+        )
     return value

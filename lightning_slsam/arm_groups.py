@@ -3,8 +3,9 @@
 A spec is a list of group names or glob patterns; an arm belongs to the selection when every one of its
 parameters matches one of them:
 
-- ``"head"``: the parameters of the last module (in ``named_modules`` order) that owns trainable parameters
-  directly: the classifier of a ResNet, ViT or Hugging Face sequence classifier, usually new and untrained.
+- ``"head"``: the parameters of the last module (in ``named_modules`` order) that owns parameters directly: the
+  classifier of a ResNet, ViT or Hugging Face sequence classifier, usually new and untrained. A head tied to the
+  input embeddings (most causal language models) selects the embedding arm, which holds the shared tensor.
 - ``"norms"``: the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm,
   RMSNorm, and any module whose class name ends in ``Norm``).
 - ``"biases"``: parameters whose name ends in ``bias``.
@@ -53,11 +54,16 @@ def check_spec(spec: Sequence[str] | str | None, key: str = "always_active") -> 
 
 
 def _names_by_group(module: nn.Module) -> dict[str, set[str]]:
-    """The dotted names of the trainable parameters in each named group."""
+    """The dotted names of the parameters in each named group.
+
+    A parameter shared by several modules (a language model's head tied to its embeddings) goes by its first name
+    in ``named_parameters`` order, the name its arm has: the head group then selects the tied tensor's arm.
+    """
     groups: dict[str, set[str]] = {group: set() for group in ARM_GROUPS}
+    canonical = {id(p): name for name, p in module.named_parameters()}
     last_owner: list[str] = []
-    for path, child in module.named_modules():
-        own = [f"{path}.{name}" if path else name for name, p in child.named_parameters(recurse=False)]
+    for _path, child in module.named_modules():
+        own = [canonical[id(p)] for _, p in child.named_parameters(recurse=False)]
         if not own:
             continue
         last_owner = own

@@ -21,6 +21,8 @@ import torch
 from lightning_slsam.argument_checks import check_choice, check_fraction, check_number
 
 NormScale = Literal["raw", "running_mean"]
+#: the bandit's probability floor (``Exp3Sampler(min_prob=...)``'s default)
+MIN_PROB = 1e-8
 #: ``norm_scale`` values of :class:`Exp3Sampler`
 NORM_SCALES: tuple[str, ...] = ("raw", "running_mean")
 
@@ -58,6 +60,14 @@ class ArmSampler(ABC):
 
         Entries outside ``active`` are ignored. The default does nothing.
         """
+
+    def carry_over(self, probs: torch.Tensor, keep: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Start from another sampler's probabilities over the same N arms where ``keep`` (bool ``(N,)``) holds,
+        when the arms that may be sampled change during training. The default keeps its own."""
+
+    def generator_of(self) -> torch.Generator | None:
+        """The generator the draws come from (the innermost sampler's), or None."""
+        return getattr(self, "generator", None)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: probabilities and generator state."""
@@ -180,6 +190,12 @@ class TopArmsSampler(ArmSampler):
     def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:
         self.inner.update(active[self.offset :], grad_norms[self.offset :])
 
+    def carry_over(self, probs: torch.Tensor, keep: torch.Tensor) -> None:
+        self.inner.carry_over(probs[self.offset :], keep[self.offset :])
+
+    def generator_of(self) -> torch.Generator | None:
+        return self.inner.generator_of()
+
     def state_dict(self) -> dict[str, Any]:
         return {"window": self.inner.num_arms, "inner": self.inner.state_dict()}
 
@@ -201,45 +217,110 @@ class PinnedArmsSampler(ArmSampler):
     must move most would otherwise train on a fraction of the steps.
 
     Args:
-        inner: the sampler of the unpinned arms (``inner.num_arms`` must equal their count).
-        pinned: bool ``(N,)``, the always-active arms; at least one arm must stay unpinned.
+        inner: the sampler of the unpinned arms (``inner.num_arms`` must equal their count), or None when every
+            arm is pinned (then every arm is active at every step: while a model's only trainable arms are
+            pinned ones, e.g. a new head over a frozen backbone, SL-SAM is SAM on them).
+        pinned: bool ``(N,)``, the always-active arms.
     """
 
-    def __init__(self, inner: ArmSampler, pinned: torch.Tensor) -> None:
-        pinned = pinned.to(dtype=torch.bool, device=inner.device)
+    def __init__(self, inner: ArmSampler | None, pinned: torch.Tensor) -> None:
+        device = inner.device if inner is not None else torch.device("cpu")
+        pinned = pinned.to(dtype=torch.bool, device=device)
         free = int((~pinned).sum())
-        if free < 1:
-            raise ValueError("always_active: every arm is pinned; nothing is left to sample (use method=sam)")
-        if inner.num_arms != free:
-            raise ValueError(f"num_arms: the inner sampler has {inner.num_arms} arms, {free} are unpinned")
+        if (inner is None) != (free == 0) or (inner is not None and inner.num_arms != free):
+            have = 0 if inner is None else inner.num_arms
+            raise ValueError(f"num_arms: the inner sampler has {have} arms, {free} are unpinned")
         self.inner = inner
         self.pinned = pinned
         self.num_arms = int(pinned.numel())
-        self.device = inner.device
+        self.device = device
         self._free_index = torch.nonzero(~pinned).flatten()
 
     @property
     def probs(self) -> torch.Tensor:  # type: ignore[override]
         """All N probabilities: 1 for the pinned arms, the inner sampler's for the others."""
         full = torch.ones(self.num_arms, dtype=torch.float64, device=self.device)
-        full[self._free_index] = self.inner.probs
+        if self.inner is not None:
+            full[self._free_index] = self.inner.probs
         return full
 
     def sample(self) -> torch.Tensor:
         active = self.pinned.clone()
-        active[self._free_index] = self.inner.sample()
+        if self.inner is not None:
+            active[self._free_index] = self.inner.sample()
         return active
 
     def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:
-        index = self._free_index.to(active.device)
-        self.inner.update(active[index], grad_norms[index.to(grad_norms.device)])
+        if self.inner is not None:
+            index = self._free_index.to(active.device)
+            self.inner.update(active[index], grad_norms[index.to(grad_norms.device)])
+
+    def carry_over(self, probs: torch.Tensor, keep: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.carry_over(probs[self._free_index], keep[self._free_index])
+
+    def generator_of(self) -> torch.Generator | None:
+        return None if self.inner is None else self.inner.generator_of()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pinned": self.pinned.clone(), "inner": self.inner.state_dict()}
+        return {"pinned": self.pinned.clone(), "inner": None if self.inner is None else self.inner.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not torch.equal(state.get("pinned", torch.zeros(0)).to(self.pinned.device), self.pinned):
             raise ValueError("sampler state: the checkpoint pins other arms (always_active differs)")
+        if self.inner is not None:
+            self.inner.load_state_dict(state["inner"])
+
+
+class EligibleArmsSampler(ArmSampler):
+    """A sampler over the eligible arms only (those with a trainable parameter, ``trainable.py``): ``inner``
+    samples them, in layout order, with budget and statistics of its own; the other arms have probability 0.
+
+    Args:
+        inner: the sampler of the eligible arms (``inner.num_arms`` must equal their count).
+        eligible: bool ``(N,)``, at least one True.
+    """
+
+    def __init__(self, inner: ArmSampler, eligible: torch.Tensor) -> None:
+        eligible = eligible.to(dtype=torch.bool, device=inner.device)
+        if inner.num_arms != int(eligible.sum()):
+            raise ValueError(
+                f"num_arms: the inner sampler has {inner.num_arms} arms, {int(eligible.sum())} are eligible"
+            )
+        self.inner = inner
+        self.eligible = eligible
+        self.num_arms = int(eligible.numel())
+        self.device = inner.device
+        self._index = torch.nonzero(eligible).flatten()
+
+    @property
+    def probs(self) -> torch.Tensor:  # type: ignore[override]
+        """All N probabilities: the inner sampler's for the eligible arms, 0 for the others."""
+        full = torch.zeros(self.num_arms, dtype=torch.float64, device=self.device)
+        full[self._index] = self.inner.probs
+        return full
+
+    def sample(self) -> torch.Tensor:
+        active = torch.zeros(self.num_arms, dtype=torch.bool, device=self.device)
+        active[self._index] = self.inner.sample()
+        return active
+
+    def update(self, active: torch.Tensor, grad_norms: torch.Tensor) -> None:
+        index = self._index.to(active.device)
+        self.inner.update(active[index], grad_norms[index.to(grad_norms.device)])
+
+    def carry_over(self, probs: torch.Tensor, keep: torch.Tensor) -> None:
+        self.inner.carry_over(probs[self._index], keep[self._index])
+
+    def generator_of(self) -> torch.Generator | None:
+        return self.inner.generator_of()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eligible": self.eligible.clone(), "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not torch.equal(state.get("eligible", torch.zeros(0)).to(self.eligible.device), self.eligible):
+            raise ValueError("sampler state: the checkpoint samples other trainable arms")
         self.inner.load_state_dict(state["inner"])
 
 
@@ -295,7 +376,7 @@ class Exp3Sampler(_BernoulliSampler):
         num_arms: int,
         sparsity: float,
         lr: float = 1e-3,
-        min_prob: float = 1e-8,
+        min_prob: float = MIN_PROB,
         seed: int | None = None,
         norm_scale: NormScale = "raw",
         norm_momentum: float = 0.99,
@@ -333,6 +414,12 @@ class Exp3Sampler(_BernoulliSampler):
         weights = torch.where(active, p * torch.exp(-self.lr * loss / p), p)
         new = project_capped_simplex(weights, self.budget).clamp_(self.min_prob, 1.0)
         self.probs = torch.where(finite, new, p)  # a non-finite step (fp16 overflow) teaches nothing
+
+    def carry_over(self, probs: torch.Tensor, keep: torch.Tensor) -> None:
+        """Kept arms start from ``probs``, new ones from ``sparsity``; then projected onto this budget (sum
+        ``sparsity * num_arms``, none above 1), as after an update."""
+        start = torch.where(keep.to(self.device), probs.to(self.device, torch.float64), self.sparsity)
+        self.probs = project_capped_simplex(start, self.budget).clamp_(self.min_prob, 1.0)
 
     def _rescale(self, active: torch.Tensor, norms: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         step_mean = norms.sum() / active.sum().clamp(min=1)

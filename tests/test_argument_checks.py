@@ -55,14 +55,15 @@ def test_the_module_has_exactly_the_checks_tested_here() -> None:
 
 
 # --- check_rho ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [0, 0.0, 1, 0.05, 2.5, 1e300, np.float64(0.25)])
+@pytest.mark.parametrize("value", [0, 0.0, 1, 0.05, 2.5, 3.4e38, np.float64(0.25)])
 def test_rho_accepts_finite_non_negative_numbers_as_float(value: Any) -> None:
     out = check_rho(value)
     assert type(out) is float and out == float(value)
 
 
-@pytest.mark.parametrize("value", [-0.1, -1, -1e-300, math.inf, -math.inf, math.nan, *NOT_NUMBERS])
+@pytest.mark.parametrize("value", [-0.1, -1, -1e-300, 3.5e38, 1e40, math.inf, -math.inf, math.nan, *NOT_NUMBERS])
 def test_rho_refuses_negative_non_finite_and_non_numbers(value: Any) -> None:
+    """Above float32's largest value the ascent's scale overflows to inf, which the step would treat as e = 0."""
     refused(check_rho, "rho", value, value)
 
 
@@ -204,12 +205,22 @@ def test_bool_refuses_numbers_strings_and_array_bools(value: Any) -> None:
 
 
 # --- check_seed --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [None, 0, 1, -7, 2**63 - 1, 2**80])
-def test_seed_accepts_any_int_and_none(value: int | None) -> None:
+@pytest.mark.parametrize("value", [None, 0, 1, -7, 2**63 - 1, 2**64 - 1, -(2**63)])
+def test_seed_accepts_any_int_a_generator_takes_and_none(value: int | None) -> None:
     assert check_seed("seed", value) is value
+    if value is not None:
+        torch.Generator().manual_seed(value)  # the reference: torch takes it
+
+
+@pytest.mark.parametrize("value", [2**64, 2**80, -(2**63) - 1])
+def test_seed_refuses_ints_a_generator_cannot_take(value: int) -> None:
+    with pytest.raises((ValueError, RuntimeError, OverflowError)):
+        torch.Generator().manual_seed(value)  # the reference: torch refuses it, with another message
+    message = refused(check_seed, "seed", value, "seed", value)
+    assert message.startswith("seed: must be an int in [-2**63, 2**64 - 1]")
 
 
 @pytest.mark.parametrize("value", [True, False, 1.0, 1.5, "0", "zero", math.nan, [0]])
 def test_seed_refuses_bools_floats_and_strings(value: Any) -> None:
     message = refused(check_seed, "seed", value, "seed", value)
-    assert message == f"seed: must be an int or None, got {value!r}"
+    assert message == f"seed: must be an int in [-2**63, 2**64 - 1] (a torch generator's seed) or None, got {value!r}"

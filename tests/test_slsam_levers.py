@@ -102,8 +102,10 @@ def test_pinned_sampler_keeps_pinned_arms_and_forwards_the_rest() -> None:
 
 
 def test_pinned_sampler_refuses_bad_shapes() -> None:
-    with pytest.raises(ValueError, match="every arm is pinned"):
+    with pytest.raises(ValueError, match="num_arms: the inner sampler has 1 arms, 0 are unpinned"):
         PinnedArmsSampler(UniformSampler(1, 0.5), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_arms: the inner sampler has 0 arms, 1 are unpinned"):
+        PinnedArmsSampler(None, torch.tensor([True, False, True]))
     with pytest.raises(ValueError, match="num_arms"):
         PinnedArmsSampler(UniformSampler(4, 0.5), torch.tensor([True, False, False]))
     other = PinnedArmsSampler(UniformSampler(2, 0.5), torch.tensor([False, True, False]))
@@ -277,3 +279,16 @@ def test_cli_refuses_a_bad_always_active_before_training(tmp_path, spec: str) ->
     with pytest.raises(ConfigError, match=r"^method\.always_active: "):
         train(cfg)
     assert not (tmp_path / "result.json").exists()
+
+
+def test_every_arm_pinned_is_every_arm_active() -> None:
+    """While a model's only trainable arms are pinned ones (a new head over a frozen backbone), every step
+    activates all of them and there is nothing for a bandit to learn."""
+    sampler = PinnedArmsSampler(None, torch.ones(3, dtype=torch.bool))
+    for _ in range(3):
+        assert bool(sampler.sample().all())
+    sampler.update(torch.ones(3, dtype=torch.bool), torch.ones(3))
+    assert torch.equal(sampler.probs, torch.ones(3, dtype=torch.float64))
+    assert sampler.generator_of() is None
+    restored = PinnedArmsSampler(None, torch.ones(3, dtype=torch.bool))
+    restored.load_state_dict(sampler.state_dict())

@@ -118,6 +118,15 @@ class Method:
         self.layout = layout
         self.all_arms = torch.ones(len(layout), dtype=torch.bool)
 
+    def set_trainable(self, arms: Tensor) -> None:
+        """The arms that have a trainable parameter (bool ``(N,)`` on the CPU; ``trainable.py``).
+
+        Called before the first step and again whenever the set changes (a layer frozen or unfrozen, a parameter
+        group added to the optimizer); the step also leaves every other arm out of both passes. The default makes
+        them :attr:`all_arms`, the arms of a dense pass. Idempotent.
+        """
+        self.all_arms = arms.clone()
+
     def start_epoch(self, start: EpochStart) -> None:
         """Called at the start of every training epoch (before its first step)."""
 

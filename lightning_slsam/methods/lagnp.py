@@ -73,8 +73,8 @@ class LayerwiseGNPMethod(Method):
 
     def num_chosen(self) -> int:
         """How many arms are perturbed per step."""
-        assert self.layout is not None
-        return max(1, min(len(self.layout), round(self.layer_fraction * len(self.layout))))
+        eligible = int(self.all_arms.sum())  # the arms with a trainable parameter
+        return max(1, min(eligible, round(self.layer_fraction * eligible)))
 
     def pass2_arms(self, first: PassOne) -> Tensor:
         if self.chosen is None or self.steps % self.reselect_every == 0:

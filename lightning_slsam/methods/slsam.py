@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,8 +22,10 @@ from lightning_slsam.distributed import broadcast_seed
 from lightning_slsam.methods.interface import Method, PassOne
 from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.samplers import (
+    MIN_PROB,
     NORM_SCALES,
     ArmSampler,
+    EligibleArmsSampler,
     Exp3Sampler,
     PinnedArmsSampler,
     TopArmsSampler,
@@ -32,6 +34,10 @@ from lightning_slsam.samplers import (
 
 #: ``sampler`` values of SL-SAM
 SAMPLERS: tuple[str, ...] = ("exp3", "uniform")
+
+#: the fewest arms a step may expect to sample (``sparsity`` times the sampled arms): below it the sampler's
+#: draw-until-non-empty loop would take thousands of draws a step
+MIN_EXPECTED_ARMS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +83,12 @@ class SLSAMOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         self._set("rho", check_rho(self.rho))
-        self._set("sparsity", check_fraction("sparsity", self.sparsity))
+        self._set(
+            "sparsity",
+            check_number(
+                "sparsity", self.sparsity, minimum=MIN_PROB, maximum=1.0, what="the expected fraction of active arms"
+            ),
+        )
         # inf freezes the bandit, NaN poisons it
         self._set("bandit_lr", check_number("bandit_lr", self.bandit_lr, minimum=0.0, what="the bandit step size"))
         check_seed("seed", self.seed)
@@ -96,39 +107,72 @@ class SLSAMOptions(MethodOptions):
         return "slsam_uniform" if self.sampler == "uniform" else self.name
 
     def check_model(self, module: nn.Module, arms: str) -> None:
-        if self.always_active:
-            self._pinned(module, build_arms(module, arms))
+        layout = build_arms(module, arms, include_frozen=True)
+        self._check_pins(module, layout)
+        trainable = torch.tensor([any(p.requires_grad for p in arm.params) for arm in layout], dtype=torch.bool)
+        if bool(trainable.any()):
+            self._window(module, layout, trainable)
 
-    def _pinned(self, module: nn.Module, layout: ArmLayout) -> Tensor:
-        """The ``always_active`` arms of ``layout``; refused when they are every arm (nothing left to sample)."""
-        pinned = select_arms(module, layout, self.always_active)
-        if bool(pinned.all()):
+    def _check_pins(self, module: nn.Module, layout: ArmLayout) -> None:
+        """Refuse an ``always_active`` that selects every arm of the model (nothing would ever be sampled)."""
+        if self.always_active and bool(select_arms(module, layout, self.always_active).all()):
             raise ValueError(
                 f"always_active: {list(self.always_active)} selects every arm of the model; nothing is left "
                 "to sample (use SAM)"
             )
-        return pinned
+
+    def _window(self, module: nn.Module, layout: ArmLayout, eligible: Tensor) -> tuple[Tensor, int, int]:
+        """The pinned arms among ``eligible``, the count of free eligible arms and the sampled window's size.
+
+        Raises:
+            ValueError: ``sparsity`` expects so few arms per step that the sampler's redraws (it draws until an
+                arm is active) would stall the step.
+        """
+        pinned = select_arms(module, layout, self.always_active) & eligible if self.always_active else None
+        free = int(eligible.sum()) if pinned is None else int((eligible & ~pinned).sum())
+        window = min(free, math.ceil(self.top_fraction * free - 1e-9))
+        if window and self.sparsity * window < MIN_EXPECTED_ARMS:
+            raise ValueError(
+                f"sparsity: {self.sparsity:g} of the {window} sampled arms is {self.sparsity * window:.2g} arms per "
+                f"step on average, below {MIN_EXPECTED_ARMS} (the sampler draws until an arm is active, so the step "
+                f"would stall); use sparsity >= {MIN_EXPECTED_ARMS / window:.2g}"
+            )
+        return (pinned if pinned is not None else torch.zeros(len(layout), dtype=torch.bool)), free, window
+
+    def sampler_for(self, module: nn.Module, layout: ArmLayout, eligible: Tensor, seed: int) -> ArmSampler:
+        """The sampler of these options over the ``eligible`` arms of ``layout`` (bool ``(N,)``): the bandit (or
+        uniform draws) over the top window of the free arms, the pinned ones always active, the others never."""
+        pinned, free, window = self._window(module, layout, eligible)
+        sampler: ArmSampler | None = None
+        if free:
+            if self.sampler == "uniform":
+                sampler = UniformSampler(window, self.sparsity, seed=seed)
+            else:
+                sampler = Exp3Sampler(
+                    window,
+                    self.sparsity,
+                    lr=self.bandit_lr,
+                    seed=seed,
+                    norm_scale=self.norm_scale,  # type: ignore[arg-type]
+                )
+            if window < free:
+                sampler = TopArmsSampler(sampler, free)
+        everywhere = bool(eligible.all())
+        if self.always_active or sampler is None:
+            sampler = PinnedArmsSampler(sampler, pinned if everywhere else pinned[eligible])
+        assert sampler is not None
+        return sampler if everywhere else EligibleArmsSampler(sampler, eligible)
 
     def build(self, module: nn.Module, layout: ArmLayout) -> Method:
+        self._check_pins(module, layout)
         seed = broadcast_seed(self.seed)  # every rank samples the same arms
-        pinned = self._pinned(module, layout) if self.always_active else None
-        free = len(layout) if pinned is None else int((~pinned).sum())
-        window = min(free, math.ceil(self.top_fraction * free - 1e-9))
-        if self.sampler == "uniform":
-            sampler: ArmSampler = UniformSampler(window, self.sparsity, seed=seed)
-        else:
-            sampler = Exp3Sampler(
-                window,
-                self.sparsity,
-                lr=self.bandit_lr,
-                seed=seed,
-                norm_scale=self.norm_scale,  # type: ignore[arg-type]
-            )
-        if window < free:
-            sampler = TopArmsSampler(sampler, free)
-        if pinned is not None:
-            sampler = PinnedArmsSampler(sampler, pinned)
-        method = SLSAMMethod(self.rho, sampler, max_update_scale=self.max_update_scale)
+        eligible = torch.ones(len(layout), dtype=torch.bool)
+        method = SLSAMMethod(
+            self.rho,
+            self.sampler_for(module, layout, eligible, seed),
+            max_update_scale=self.max_update_scale,
+            resample=lambda arms: self.sampler_for(module, layout, arms, seed),
+        )
         method.name = self.label
         return method
 
@@ -184,9 +228,19 @@ class SLSAMMethod(Method):
     name = "slsam"
     sparse_pass_one = True
 
-    def __init__(self, rho: float, sampler: ArmSampler, max_update_scale: float | None = None) -> None:
+    def __init__(
+        self,
+        rho: float,
+        sampler: ArmSampler,
+        max_update_scale: float | None = None,
+        resample: Callable[[Tensor], ArmSampler] | None = None,
+    ) -> None:
         super().__init__(rho)
         self.sampler = sampler
+        #: builds the sampler over other eligible arms (``set_trainable``); None keeps ``sampler`` (whose draws
+        #: the step then intersects with the trainable arms)
+        self.resample = resample
+        self._eligible: Tensor | None = None
         self.max_update_scale = None if max_update_scale is None else float(max_update_scale)
         self._pending: tuple[Tensor, Tensor, Any] | None = None
         #: with max_update_scale: the scaled parameters, their values before this step's update, their factors
@@ -201,6 +255,27 @@ class SLSAMMethod(Method):
                 f"sampler: it has {self.sampler.num_arms} arms but the model has {len(layout)} ({layout.mode} arms)"
             )
         self._arm_of = {id(p): int(i) for p, i in zip(layout.params, layout.param_arm.tolist(), strict=True)}
+
+    def set_trainable(self, arms: Tensor) -> None:
+        """Sample among the ``arms`` that have a trainable parameter: when they change (a layer unfrozen, a
+        parameter group added), the sampler is rebuilt over the new set. An arm kept keeps its probability,
+        a new arm starts at ``sparsity``, the bandit's budget becomes ``sparsity`` times the new count (the
+        probabilities are projected onto it), and the draws continue the same random stream."""
+        super().set_trainable(arms)
+        if self._eligible is None:
+            self._eligible = torch.ones(len(arms), dtype=torch.bool)
+        if torch.equal(arms, self._eligible) or self.resample is None:
+            return
+        self._flush()  # the pending update belongs to the old sampler
+        old, keep = self.sampler, self._eligible & arms
+        generator = old.generator_of()
+        state = None if generator is None else generator.get_state()
+        self.sampler = self.resample(arms)
+        self.sampler.carry_over(old.probs, keep)
+        new_generator = self.sampler.generator_of()
+        if state is not None and new_generator is not None:
+            new_generator.set_state(state)
+        self._eligible = arms.clone()
 
     def pass1_arms(self) -> Tensor:
         self._flush()
@@ -223,9 +298,11 @@ class SLSAMMethod(Method):
         self._before = None
         with torch.no_grad():
             weights = [p.detach() for p in params]
-            torch._foreach_sub_(weights, before)
-            torch._foreach_mul_(weights, factors)
-            torch._foreach_add_(weights, before)
+            # computed aside and copied in one kernel: an interrupt leaves the weights before or after it
+            scaled = torch._foreach_sub(weights, before)
+            torch._foreach_mul_(scaled, factors)
+            torch._foreach_add_(scaled, before)
+            torch._foreach_copy_(weights, scaled)
 
     def after_step(self, first: PassOne) -> None:
         if self._before is not None:
@@ -269,8 +346,18 @@ class SLSAMMethod(Method):
 
     def state_dict(self) -> dict[str, Any]:
         self._flush()
-        return {"sampler": self.sampler.state_dict()}
+        state: dict[str, Any] = {"sampler": self.sampler.state_dict()}
+        if self._eligible is not None and not bool(self._eligible.all()):
+            state["eligible"] = self._eligible.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = None
+        if "sampler" not in state:
+            raise ValueError("state: SL-SAM's state has no 'sampler' entry; pass what state_dict() returned")
+        eligible = state.get("eligible")
+        if eligible is not None and self.resample is not None:  # the sampler of the saved trainable arms
+            self.sampler = self.resample(eligible)
+            self._eligible = eligible.clone()
+            self.all_arms = eligible.clone()
         self.sampler.load_state_dict(state["sampler"])

@@ -197,15 +197,29 @@ class SSAMFMethod(_MaskedSAM):
                 "dataloader; with lightning_slsam.optim.SSAMF pass fisher_data= (and call start_epoch)"
             )
         params = list(self.layout.params)
+        # only the trainable parameters are scored (frozen ones could not be differentiated, and are never
+        # perturbed): the mask's live count is a fraction of their elements
+        eligible = self.all_arms.tolist() if len(self.all_arms) == len(self.layout) else [True] * len(self.layout)
+        arm_of = self.layout.param_arm.tolist()
+        scored = [p for p, arm in zip(params, arm_of, strict=True) if p.requires_grad and eligible[arm]]
         with preserved_rng(params[0].device):
             batches = start.draw_samples(self.num_samples)
             mode = "loop" if self.per_sample == "auto" and self._vmap_failed else self.per_sample
-            scores, self.per_sample_used = scores_and_way(start.module, batches, params, mode, start.loss_of)
+            scores, self.per_sample_used = scores_and_way(start.module, batches, scored, mode, start.loss_of)
         if self.per_sample == "auto" and self.per_sample_used == "loop":
             self._vmap_failed = True
-        flat = torch.cat([s.reshape(-1) for s in scores])
+        by_param = {id(p): s for p, s in zip(scored, scores, strict=True)}
+        flat = torch.cat(
+            [
+                by_param[id(p)].reshape(-1)
+                if id(p) in by_param
+                else torch.full((p.numel(),), -math.inf, device=params[0].device)
+                for p in params
+            ]
+        )
         all_reduce_mean([flat])  # every rank keeps the same mask
-        self._set_mask(top_k_mask(flat, live_count(self.unperturbed_fraction, flat.numel())))
+        live = live_count(self.unperturbed_fraction, sum(p.numel() for p in scored))
+        self._set_mask(top_k_mask(flat, live))
         self.refresh_epochs.append(start.epoch)
 
 
