@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_slsam.step_engine
 from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin
+from lightning_slsam.trainable import TrainableSet
 
 WAYS = ("eager", "whole", "regional")
 
@@ -102,17 +102,18 @@ class StepTimer(L.Callback):
 
 
 class KeepRequiresGrad:
-    """``--no-toggle``: the step engine's ``set_requires_grad`` replaced by one that leaves every parameter on."""
+    """``--no-toggle``: the step's ``TrainableSet.enable`` replaced by one that turns on every trainable parameter."""
 
     def __init__(self) -> None:
-        self.original = lightning_slsam.step_engine.set_requires_grad
+        self.original = TrainableSet.enable
 
     def __enter__(self) -> KeepRequiresGrad:
-        lightning_slsam.step_engine.set_requires_grad = lambda layout, active: self.original(layout, None)
+        original = self.original
+        TrainableSet.enable = lambda trainable, active: original(trainable, torch.ones_like(active))  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        lightning_slsam.step_engine.set_requires_grad = self.original
+        TrainableSet.enable = self.original  # type: ignore[method-assign]
 
 
 class ActiveInputsSLSAM(SLSAM):

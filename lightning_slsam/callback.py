@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import attention_inputs, module_conversion, pass_context, probability_logging
+from lightning_slsam import module_conversion, pass_context, probability_logging
 from lightning_slsam.argument_checks import check_int
 from lightning_slsam.arms import ArmLayout, build_arms
 from lightning_slsam.distributed import assert_same_arms, check_strategy, disable_ddp_sync
@@ -31,8 +31,8 @@ from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 from lightning_slsam.prefix_reuse import PrefixReuse
+from lightning_slsam.run import Run
 from lightning_slsam.skipped_steps import SkippedSteps
-from lightning_slsam.step_engine import batch_norms, frozen_running_stats
 from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
 STATE_KEY_PREFIX = "SharpnessAware["
@@ -108,13 +108,13 @@ class SharpnessAware(pl.Callback):
         self.reuse_prefix = self.step_options.reuse_prefix
         self.accumulate = lightning.accumulate
         self.history_every = lightning.history_every
-        #: steps skipped for non-finite gradients (issue 15); part of the checkpoint
+        self.history_size = lightning.history_size
+        #: steps skipped for non-finite gradients; part of the checkpoint
         self.skipped = SkippedSteps(self.step_options.max_skipped_steps, owner=name)
-        #: the pass-2 replay of pass 1's prefix calls, set up at fit start when the method can use it
-        self.prefix_reuse: PrefixReuse | None = None
+        #: the model attached to the method's step (arms, method, trainable set, hooks), from fit start
+        self.run: Run | None = None
         self.method: Method | None = None
         self.layout: ArmLayout | None = None
-        self._batch_norms: list[nn.modules.batchnorm._BatchNorm] = []
         self._loaded: dict[str, Any] | None = None
         self._micro_batches: list[Any] = []
         self.steps = 0
@@ -124,7 +124,8 @@ class SharpnessAware(pl.Callback):
         #: how often each arm was active in pass 1 (int64, one per arm)
         self.selection_counts = torch.zeros(0, dtype=torch.long)
         self._history: list[Tensor] = []
-        self._attention_hooks: list[Any] = []
+        #: the interval of the kept records: ``history_every``, doubled each time ``history_size`` is reached
+        self._history_interval = self.history_every
         self._update_lrs: list[float] | None = None  # per parameter group, read at this step's optimizer.step()
 
     def __getattr__(self, name: str) -> Any:
@@ -201,16 +202,17 @@ class SharpnessAware(pl.Callback):
                 f"{type(self).__name__}: configure_optimizers must return exactly one optimizer (the base "
                 f"optimizer), got {len(trainer.optimizers)}"
             )
-        self.layout = build_arms(pl_module, self.arms)
-        self.method = self.method_for(pl_module, self.layout)
-        self._batch_norms = batch_norms(pl_module)
         self._remove_hooks()
-        self._attention_hooks = attention_inputs.install(pl_module)
-        if self.reuse_prefix and self.method.sparse_pass_one:
-            self.prefix_reuse = PrefixReuse(pl_module, replayable=self._replayable)
+        # every parameter is an arm; which ones train is read at each step (trainable.py)
+        self.layout = build_arms(pl_module, self.arms, include_frozen=True)
+        self.method = self.method_for(pl_module, self.layout)
+        self.run = Run(
+            pl_module, self.layout, self.method, self.step_options, trainer.optimizers[0], type(self).__name__
+        )
         self._micro_batches = []
         self.selection_counts = torch.zeros(len(self.layout), dtype=torch.long)
         self._history = []
+        self._history_interval = self.history_every
         if self._loaded is not None:
             self._apply_loaded()
 
@@ -221,20 +223,24 @@ class SharpnessAware(pl.Callback):
         self._remove_hooks()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()  # Lightning calls no teardown after an exception
+        # Lightning calls no teardown after an exception; an interrupted step's weights go back to w first
+        self._remove_hooks()
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # a checkpoint written during a step (a signal handler: SLURM's requeue) holds w, never w + e
+        if self.run is not None and "state_dict" in checkpoint:
+            self.run.patch_state_dict(checkpoint["state_dict"])
 
     def _remove_hooks(self) -> None:
-        for handle in self._attention_hooks:
-            handle.remove()
-        self._attention_hooks = []
-        if self.prefix_reuse is not None:
-            self.prefix_reuse.remove()
-            self.prefix_reuse = None
+        if self.run is not None:
+            self.run.close()
 
-    def _replayable(self, module: nn.Module) -> bool:
-        """Pass 2 may skip ``module``'s call unless it is a BatchNorm that updates running stats in pass 2."""
-        bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats
-        return not (bn and self.bn_running_stats == "both")
+    @property
+    def prefix_reuse(self) -> PrefixReuse | None:
+        """The pass-2 replay of pass 1's prefix calls (None when the method cannot use it, or before fit)."""
+        return None if self.run is None else self.run.prefix_reuse
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         # DDP: the step averages the active gradients itself (distributed.py); buffers still sync from rank 0
@@ -246,14 +252,9 @@ class SharpnessAware(pl.Callback):
         # kept for record_step: a self.log from this nested hook would make Lightning drop, on the first batch,
         # what training_step logged before it (its results are reset when the hook name changes)
         self._update_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        # Lightning calls this after the precision plugin unscaled the gradients (not before, issue 18089)
-        if self.clip_grad_norm is None and self.clip_grad_value is None:
-            return
-        grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self.clip_grad_value is not None:
-            torch.nn.utils.clip_grad_value_(grads, self.clip_grad_value)
-        if self.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(grads, self.clip_grad_norm)
+        # Lightning calls this after the precision plugin unscaled the gradients (not before: Lightning issue 18089)
+        if self.run is not None:
+            self.run.clip(optimizer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.method is not None
@@ -296,7 +297,8 @@ class SharpnessAware(pl.Callback):
     @contextmanager
     def second_pass_context(self) -> Iterator[None]:
         """During pass 2: BatchNorm layers normalise with batch statistics but do not update running ones."""
-        with frozen_running_stats(self._batch_norms if self.bn_running_stats == "pass1" else []):
+        assert self.run is not None
+        with self.run.second_pass_context():
             yield
 
     def record_step(
@@ -309,18 +311,21 @@ class SharpnessAware(pl.Callback):
         active2: Tensor | None,
     ) -> None:
         """Log one finished step and update the running counters."""
-        assert self.layout is not None
-        ratio = self.layout.active_ratio(active1)
-        ratio2 = 0.0 if active2 is None else self.layout.active_ratio(active2)
+        assert self.run is not None
+        ratio = self.run.active_ratio(active1)
+        ratio2 = 0.0 if active2 is None else self.run.active_ratio(active2)
         self.steps += 1
         self.active_ratio_sum += ratio
         self.active_ratio2_sum += ratio2
         self.passes_sum += 1 if loss2 is None else 2
         self.selection_counts += active1.to(torch.long)
-        if self.history_every and (self.steps - 1) % self.history_every == 0:
+        if self.history_every and (self.steps - 1) % self._history_interval == 0:
             probs = self.probabilities()
             if probs is not None:
                 self._history.append(probs.to(torch.float32))
+                if len(self._history) > self.history_size:  # bounded: every other record, twice the interval
+                    self._history = self._history[::2]
+                    self._history_interval *= 2
         # a key the user's training_step logged this step keeps the user's value
         log = functools.partial(pass_context.log_unless_user_logged, module)
         log("train/loss", loss.detach(), prog_bar=True)
@@ -370,17 +375,22 @@ class SharpnessAware(pl.Callback):
         return None if probs is None else probs.detach().cpu()
 
     def probability_history(self) -> Tensor | None:
-        """Per-arm probabilities recorded every ``history_every`` steps: float32 ``(records, N)``, or None."""
+        """Per-arm probabilities recorded every :attr:`history_interval` steps from the first: float32
+        ``(records, N)`` with at most ``history_size`` records, or None."""
         return torch.stack(self._history) if self._history else None
+
+    @property
+    def history_interval(self) -> int:
+        """Steps between two records of :meth:`probability_history`: ``history_every``, doubled each time the
+        history reached ``history_size`` records (it then keeps every other one)."""
+        return self._history_interval
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.method is None or self.layout is None:
+        if self.run is None:
             return dict(self._loaded) if self._loaded is not None else {}
         return {
-            "method": self.method.name,
-            "arms": self.layout.fingerprint(),
-            "method_state": self.method.state_dict(),
+            **self.run.state_dict(),
             "steps": self.steps,
             "active_ratio_sum": self.active_ratio_sum,
             "active_ratio2_sum": self.active_ratio2_sum,
@@ -388,6 +398,7 @@ class SharpnessAware(pl.Callback):
             "selection_counts": self.selection_counts.clone(),
             "skipped_steps": self.skipped.state_dict(),
             "history": list(self._history),
+            "history_interval": self._history_interval,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -399,27 +410,16 @@ class SharpnessAware(pl.Callback):
         state, self._loaded = self._loaded, None
         if not state:
             return
-        assert self.method is not None and self.layout is not None
-        name = type(self).__name__
-        if state.get("method") != self.method.name:
-            raise ValueError(
-                f"{name}: the checkpoint was written by method {state.get('method')!r}, this run uses "
-                f"{self.method.name!r}; resume with the same method or load only the weights"
-            )
-        if state.get("arms") != self.layout.fingerprint():
-            saved = state.get("arms") or {}
-            raise ValueError(
-                f"{name}: the checkpoint's arms ({saved.get('mode')!r}, {len(saved.get('names', []))} arms) do not "
-                f"match this run's ({self.layout.mode!r}, {len(self.layout)} arms); use the same arms= and model"
-            )
-        self.method.load_state_dict(state["method_state"])
+        assert self.run is not None
+        self.run.load_state_dict(state)
         self.steps = int(state["steps"])
         self.active_ratio_sum = float(state["active_ratio_sum"])
         self.active_ratio2_sum = float(state["active_ratio2_sum"])
         self.passes_sum = int(state["passes_sum"])
         self.selection_counts = state["selection_counts"].clone()
         self._history = list(state["history"])
-        self.skipped.load_state_dict(state.get("skipped_steps", {}))  # absent in checkpoints before issue 15
+        self._history_interval = int(state.get("history_interval", self.history_every))
+        self.skipped.load_state_dict(state.get("skipped_steps", {}))  # absent in older checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,14 +430,19 @@ class LightningOptions:
         accumulate: micro-batches per optimizer step (int >= 1, default 1): pass 1 over all of them, one ascent,
             pass 2 over the same ones, one step.
         history_every: record the sampling probabilities every this many steps (int >= 0, default 1; 0 = never).
+        history_size: the most records the probability history keeps (int >= 2, default 512): when it is full,
+            every other record is dropped and the interval doubles, so the history covers the whole run at a fixed
+            size (a checkpoint holds at most ``history_size`` x arms float32 values).
     """
 
     accumulate: int = 1
     history_every: int = 1
+    history_size: int = 512
 
     def __post_init__(self) -> None:
         check_int("accumulate", self.accumulate, 1, what="the number of micro-batches per step")
         check_int("history_every", self.history_every, 0, what="the probability-history interval (0 keeps none)")
+        check_int("history_size", self.history_size, 2, what="the most probability records kept")
 
 
 class Base(SharpnessAware):

@@ -10,6 +10,7 @@ and at the end, and returns the best validation metric, so sweepers can optimise
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -84,6 +85,32 @@ def _check_top_level(cfg: DictConfig) -> None:
 
 
 # --- issue 15: bad inputs caught before training (checkpoint files, label counts, endless runs) -----------
+#: words of torch's optimizer errors ("Invalid learning rate: -1") and the config key each one is about
+_OPTIMIZER_KEYS = (
+    ("learning rate", "lr"),
+    ("epsilon", "eps"),
+    ("beta", "betas"),
+    ("weight_decay", "weight_decay"),
+    ("momentum", "momentum"),
+    ("dampening", "dampening"),
+)
+
+
+def _check_optimizer(factory: Any) -> None:
+    """Build the optimizer once on a stand-in parameter, so that a bad value (``optimizer.lr=-1``, ``=nan``) fails
+    now, as ``ConfigError: optimizer.<key>: ...``, not after the model and data were built."""
+    if not callable(factory):
+        return
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as error:
+        message = str(error).strip()
+        key = next((k for words, k in _OPTIMIZER_KEYS if words in message.lower()), None)
+        if key is not None and isinstance(factory, functools.partial) and key in factory.keywords:
+            raise ConfigError(f"optimizer.{key}: {message} (got {factory.keywords[key]!r})") from error
+        raise ConfigError(f"optimizer: {message}") from error
+
+
 def _check_run_safety(cfg: DictConfig) -> None:
     """A corrupt ``ckpt_path``, a bad ``checkpoint_every_n_steps``, and a warning for ``max_epochs=-1``."""
     if cfg.ckpt_path is not None:
@@ -166,8 +193,9 @@ def train(cfg: DictConfig) -> float:
     # cheap constructors first, so a bad value fails before a model is built or data is read
     method: SharpnessAware = instantiate_group("method", cfg.method)
     data: pl.LightningDataModule = instantiate_group("data", cfg.data)
-    _match_label_count(cfg, data)  # issue 15
+    _match_label_count(cfg, data)
     optimizer = instantiate_group("optimizer", cfg.optimizer)
+    _check_optimizer(optimizer)
     scheduler = instantiate_group("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
     module: pl.LightningModule = instantiate_group("model", cfg.model, optimizer=optimizer, scheduler=scheduler)
     try:  # arguments that depend on the model (SL-SAM's always_active), before any training
@@ -268,7 +296,7 @@ def _write_record(
     history = method.probability_history()
     if history is not None and method.layout is not None:
         torch.save(
-            {"history": history, "every": method.history_every, "arm_names": method.layout.names},
+            {"history": history, "every": method.history_interval, "arm_names": method.layout.names},
             run_dir / "probabilities.pt",
         )
 

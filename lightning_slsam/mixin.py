@@ -121,14 +121,12 @@ class SharpnessAwareMixin:
         group = callback.collect(batch, last=bool(module.trainer.is_last_batch))
         if group is None:  # accumulating: the step runs when the group of micro-batches is complete
             return None
-        method, layout = callback.method, callback.layout
-        assert method is not None and layout is not None, "the SharpnessAware callback was not set up"
+        run = callback.run
+        assert run is not None, "the SharpnessAware callback was not set up"
         optimizer = module.optimizers()
         scaler = _grad_scaler(module)
         global_step = int(module.trainer.global_step)
-        result = step_engine.run_step(
-            layout,
-            method,
+        result = run.step(
             functools.partial(self._forward_backward, group),
             optimizer,
             optimizer.step,
@@ -136,8 +134,6 @@ class SharpnessAwareMixin:
             after_optimizer_step=functools.partial(step_schedulers, module.trainer, "step"),
             all_reduce=all_reduce_mean,
             check_arms=callback.check_arms,
-            prefix_reuse=callback.prefix_reuse,
-            second_pass_context=callback.second_pass_context,
         )
         callback.record_step(module, result.loss, result.loss_perturbed, result.first, result.active1, result.active2)
         callback.record_skip(module, result.skipped, global_step, result.where, scaler is not None)
@@ -147,7 +143,7 @@ class SharpnessAwareMixin:
         module: Any = self
         optimizer = module.optimizers()
         loss = self._forward_backward([batch])
-        # issue 15: a non-finite gradient skips the step here too (see step_engine.run_step)
+        # a non-finite gradient skips the step here too (see step_engine.run_step)
         finite = bool(all_finite(step_engine.optimizer_grads(optimizer)))
         scaler = _grad_scaler(module)
         global_step = int(module.trainer.global_step)

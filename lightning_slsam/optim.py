@@ -28,7 +28,6 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_slsam import attention_inputs
 from lightning_slsam.arms import ArmLayout, build_arms
 from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
 from lightning_slsam.methods.arsam import ARSAMOptions
@@ -43,8 +42,9 @@ from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 from lightning_slsam.prefix_reuse import PrefixReuse
+from lightning_slsam.run import Run
 from lightning_slsam.skipped_steps import SkippedSteps
-from lightning_slsam.step_engine import StepResult, batch_norms, frozen_running_stats, run_step
+from lightning_slsam.step_engine import StepResult
 from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
 __all__ = [
@@ -139,18 +139,13 @@ class SharpnessAwareOptimizer:
         self.base_optimizer = base_optimizer
         self.backward = backward
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        #: the model's arms (``arms`` argument)
-        self.layout: ArmLayout = build_arms(self.model, arms)
-        held = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
-        if not any(id(p) in held for p in self.layout.params):
-            raise ValueError(f"base_optimizer: it holds none of the model's trainable parameters ({name})")
+        #: the model's arms (``arms`` argument): every parameter; which ones train is read at each step from
+        #: their ``requires_grad`` and the base optimizer's parameter groups (``trainable.py``)
+        self.layout: ArmLayout = build_arms(self.model, arms, include_frozen=True)
         #: the method (``lightning_slsam.methods``), built from the options exactly as under the Trainer
         self.method: Method = self.options.method_for(self.model, self.layout)
-        self._batch_norms = batch_norms(self.model)
-        self._hooks = attention_inputs.install(self.model)
-        self.prefix_reuse: PrefixReuse | None = None
-        if self.step_options.reuse_prefix and self.method.sparse_pass_one:
-            self.prefix_reuse = PrefixReuse(self.model, replayable=self._replayable)
+        #: the model attached to the method's step (trainable set, hooks, perturbation guard)
+        self.run = Run(self.model, self.layout, self.method, self.step_options, base_optimizer, name, "base_optimizer")
         #: steps skipped for non-finite gradients (the ``max_skipped_steps`` limit applies)
         self.skipped = SkippedSteps(self.step_options.max_skipped_steps, owner=name)
         #: ``step`` calls so far (taken or skipped)
@@ -178,19 +173,18 @@ class SharpnessAwareOptimizer:
         for wrapper in self._wrappers:  # DDP: the step averages the gradients itself, as under the Trainer
             disable_ddp_sync(wrapper)
         check_ranks = assert_same_arms if self.step_options.check_ranks else None
-        bn = self._batch_norms if self.step_options.bn_running_stats == "pass1" else []
-        result = run_step(
-            self.layout,
-            self.method,
-            functools.partial(self._forward_backward, closure),
-            self.base_optimizer,
-            self._step_optimizer,
-            scaler=self.scaler,
-            all_reduce=all_reduce_mean,
-            check_arms=check_ranks,
-            prefix_reuse=self.prefix_reuse,
-            second_pass_context=functools.partial(frozen_running_stats, bn),
-        )
+        try:
+            result = self.run.step(
+                functools.partial(self._forward_backward, closure),
+                self.base_optimizer,
+                self._step_optimizer,
+                scaler=self.scaler,
+                all_reduce=all_reduce_mean,
+                check_arms=check_ranks,
+            )
+        except BaseException:
+            self.run.recover()  # w and the user's flags, whatever interrupted the step (also inside its cleanup)
+            raise
         self.last_step = result
         step = self.steps
         self.steps += 1
@@ -239,31 +233,30 @@ class SharpnessAwareOptimizer:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; refuses another method's or another model's state."""
-        name = type(self).__name__
-        if state_dict.get("method") != self.method.name:
-            raise ValueError(
-                f"state_dict: written by method {state_dict.get('method')!r}, this {name} runs {self.method.name!r}"
+        if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict:
+            keys = sorted(state_dict)[:4] if isinstance(state_dict, dict) else type(state_dict).__name__
+            hint = (
+                " (a base optimizer's own state_dict?)"
+                if isinstance(state_dict, dict) and "param_groups" in state_dict
+                else ""
             )
-        if state_dict.get("arms") != self.layout.fingerprint():
-            raise ValueError(f"state_dict: its arms do not match this model's ({self.layout.mode!r} arms); {name}")
+            raise ValueError(
+                f"state_dict: {type(self).__name__}.load_state_dict takes what its state_dict() returned (keys "
+                f"base_optimizer, method, arms, method_state, ...), got {keys}{hint}"
+            )
+        self.run.load_state_dict(state_dict)
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self.method.load_state_dict(state_dict["method_state"])
         self.skipped.load_state_dict(state_dict.get("skipped_steps", {}))
         self.steps = int(state_dict.get("steps", 0))
 
     def close(self) -> None:
         """Remove the hooks this optimizer put on the model (prefix replay, attention inputs)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        if self.prefix_reuse is not None:
-            self.prefix_reuse.remove()
-            self.prefix_reuse = None
+        self.run.close()
 
-    def _replayable(self, module: nn.Module) -> bool:
-        """Pass 2 may skip ``module``'s call unless it is a BatchNorm that updates running stats in pass 2."""
-        bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats
-        return not (bn and self.step_options.bn_running_stats == "both")
+    @property
+    def prefix_reuse(self) -> PrefixReuse | None:
+        """The pass-2 replay of pass 1's prefix calls (None when the method cannot use it)."""
+        return self.run.prefix_reuse
 
     # --- what the engine calls -------------------------------------------------------------------------
     def _forward_backward(self, closure: Callable[[], Tensor], sam_pass: int) -> Tensor:
@@ -276,31 +269,29 @@ class SharpnessAwareOptimizer:
             )
         if loss.requires_grad:  # False when no active parameter took part in the forward pass
             scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-            if self.backward is not None:
-                self.backward(scaled)
-            else:
-                scaled.backward()
+            try:
+                if self.backward is not None:
+                    self.backward(scaled)
+                else:
+                    scaled.backward()
+            except RuntimeError as error:
+                if "backward through the graph a second time" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"closure: it called backward itself; {type(self).__name__}.step differentiates the loss (once per "
+                    "pass): return the loss without calling backward"
+                ) from None
         return loss.detach()
 
     def _step_optimizer(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.base_optimizer)  # clipping sees unscaled gradients
-        self._clip()
+        self.run.clip(self.base_optimizer)
         if self.scaler is not None:
             self.scaler.step(self.base_optimizer)  # skips the update itself when it found an inf
             self.scaler.update()
         else:
             self.base_optimizer.step()
-
-    def _clip(self) -> None:
-        value, norm = self.step_options.clip_grad_value, self.step_options.clip_grad_norm
-        if value is None and norm is None:
-            return
-        grads = [p for group in self.base_optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if value is not None:
-            torch.nn.utils.clip_grad_value_(grads, value)
-        if norm is not None:
-            torch.nn.utils.clip_grad_norm_(grads, norm)
 
 
 def _wrappers(model: nn.Module) -> list[nn.Module]:

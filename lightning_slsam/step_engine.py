@@ -25,6 +25,7 @@ imports nothing from Lightning.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +37,10 @@ from lightning_slsam import perturbation
 from lightning_slsam.arms import ArmLayout
 from lightning_slsam.distributed import all_reduce_mean
 from lightning_slsam.methods.interface import Method, PassOne
+from lightning_slsam.perturbation import PerturbationGuard
 from lightning_slsam.prefix_reuse import PrefixReuse
 from lightning_slsam.skipped_steps import all_finite
+from lightning_slsam.trainable import TrainableSet
 
 #: ``sam_pass`` numbers handed to ``forward_backward`` (the same as ``pass_context.AT_W`` / ``PERTURBED``)
 AT_W = 1
@@ -89,6 +92,8 @@ def run_step(
     check_arms: Callable[[Tensor], None] | None = None,
     prefix_reuse: PrefixReuse | None = None,
     second_pass_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    trainable: TrainableSet | None = None,
+    guard: PerturbationGuard | None = None,
 ) -> StepResult:
     """Run one whole step of ``method`` on the arms ``layout`` (the order is in the module docstring).
 
@@ -107,46 +112,71 @@ def run_step(
         check_arms: called with pass 1's arms (the rank-consistency check), or None.
         prefix_reuse: the pass-2 replay of pass 1's prefix calls, for methods whose pass 1 leaves arms out.
         second_pass_context: a context manager factory around pass 2 (BatchNorm running statistics frozen).
+        trainable: the model's trainable parameters, refreshed here from ``requires_grad`` and the optimizer's
+            parameter groups (``trainable.py``); keep one across steps (default: a new one each step).
+        guard: where the step keeps ``w`` while the weights are perturbed (``perturbation.PerturbationGuard``);
+            keep one across steps so that a checkpoint taken mid-step can read it (default: a new one).
 
     Returns:
         What the step did (:class:`StepResult`).
     """
-    # optimizer.zero_grad clears only the optimizer's parameters; a trainable parameter outside it must not
-    # carry a stale gradient into this step's norms
+    if trainable is None:
+        trainable = TrainableSet(layout)
+    if trainable.refresh(optimizer):
+        method.set_trainable(trainable.arms)
+    if guard is None:
+        guard = PerturbationGuard()
+    # optimizer.zero_grad clears only the optimizer's parameters; any other parameter of the layout must not
+    # carry a stale gradient into this step's norms, nor add it to pass 2's
     for p in layout.params:
         p.grad = None
-    method.begin_step()  # issue 15: a skipped step puts the method back as it is now (discard_step)
-    active1 = method.pass1_arms()
+    method.begin_step()  # a skipped step puts the method back as it is now (discard_step)
+    active1 = method.pass1_arms() & trainable.arms
     if check_arms is not None:
         check_arms(active1)
-    set_requires_grad(layout, active1)
     reuse = prefix_reuse if not bool(active1.all()) else None
     try:
+        trainable.enable(active1)
         with (
-            reuse.record(reuse.owners_of(layout.params_of(active1))) if reuse is not None else contextlib.nullcontext()
+            reuse.record(reuse.owners_of(trainable.params_of(active1)))
+            if reuse is not None
+            else contextlib.nullcontext()
         ):
             loss = forward_backward(AT_W)
         first = measure_pass_one(layout, active1, scaler if method.measures_norms else False, all_reduce)
+        _check_gradients_arrived(first, active1, trainable)
         # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
         finite = bool(first.finite) if method.measures_norms else True
         finite_pass1 = finite
         active2 = method.pass2_arms(first) if finite else None
+        if active2 is not None:
+            active2 = active2 & trainable.arms
         loss2 = None
         if active2 is not None:
             loss2 = _second_pass(
-                layout, method, forward_backward, first, active1, active2, prefix_reuse, second_pass_context
+                layout,
+                method,
+                forward_backward,
+                first,
+                active1,
+                active2,
+                prefix_reuse,
+                second_pass_context,
+                trainable,
+                guard,
             )
         elif finite:
             method.single_pass_gradient(first)
     finally:
-        set_requires_grad(layout, None)
+        guard.restore()  # a no-op unless an exception left a perturbation live
+        trainable.restore()
         if reuse is not None:
             reuse.clear()
 
     all_reduce([p.grad for p in layout.params if p.grad is not None])
-    # --- issue 15: skip a step whose gradients are not finite, in any pass ---
-    # One fused check (and one host read) of the gradients that reach the optimizer, after the method
-    # combined them and DDP averaged them (so every rank decides alike). A non-finite pass 1 is known already.
+    # Skip a step whose gradients are not finite, in any pass: one fused check (and one host read) of the
+    # gradients that reach the optimizer, after the method combined them and DDP averaged them (so every rank
+    # decides alike). A non-finite pass 1 is known already.
     if finite:
         finite = bool(all_finite(optimizer_grads(optimizer)))
     # After a non-finite step a GradScaler still gets its step: it finds the inf, skips the update and
@@ -164,6 +194,32 @@ def run_step(
     return StepResult(loss, loss2, first, active1, active2, not finite, where)
 
 
+#: sparse steps in a row without any gradient after which the step warns that the loss may be detached
+NO_GRADIENT_WARN_STEPS = 20
+
+_DETACHED = (
+    "the loss was computed under torch.no_grad() or inference_mode, or detached (.detach(), .item()); return the "
+    "loss as computed, the step differentiates it itself"
+)
+
+
+def _check_gradients_arrived(first: PassOne, active: Tensor, trainable: TrainableSet) -> None:
+    """A dense pass 1 without a single gradient cannot train: refuse it. A sparse one may have sampled only
+    unused parameters (an idle head); that many in a row gets a warning."""
+    if first.params:
+        trainable.steps_without_gradient = 0
+        return
+    if torch.equal(active, trainable.arms):
+        raise RuntimeError(f"loss: no trainable parameter received a gradient: {_DETACHED}")
+    trainable.steps_without_gradient += 1
+    if trainable.steps_without_gradient == NO_GRADIENT_WARN_STEPS:
+        warnings.warn(
+            f"loss: no sampled parameter received a gradient in {NO_GRADIENT_WARN_STEPS} steps in a row; unless "
+            f"most of the model is unused, {_DETACHED}",
+            stacklevel=3,
+        )
+
+
 def _second_pass(
     layout: ArmLayout,
     method: Method,
@@ -173,42 +229,38 @@ def _second_pass(
     active2: Tensor,
     prefix_reuse: PrefixReuse | None,
     second_pass_context: Callable[[], contextlib.AbstractContextManager[Any]],
+    trainable: TrainableSet,
+    guard: PerturbationGuard,
 ) -> Tensor:
-    """Ascend on ``active2``, differentiate at w + e, restore w bitwise, combine the gradients."""
+    """Ascend on ``active2``, differentiate at w + e, restore w bitwise, combine the gradients.
+
+    From the copy of ``w`` on, ``guard`` holds it: whatever interrupts the pass (an exception, Ctrl-C, a signal
+    handler that saves a checkpoint) finds the true weights there, and the ``finally`` puts them back.
+    """
     on_both = active2 & active1
     params = [p for p in layout.params_of(on_both) if p.grad is not None]
     grads = [p.grad for p in params]
     first_grads = [g.clone() for g in grads] if method.keeps_first_gradient else None
     saved = perturbation.save(params)
-    with torch.no_grad():
-        raw_norm = first.norm_over(on_both, local=True) * first.grad_scale
-        ascent = method.perturbation(params, grads, raw_norm)
-        perturbation.apply(params, ascent)
-    del ascent, grads
-    for p in params:
-        p.grad = None
+    guard.hold(params, saved)
     try:
+        with torch.no_grad():
+            raw_norm = first.norm_over(on_both, local=True) * first.grad_scale
+            if params:
+                perturbation.apply(params, method.perturbation(params, grads, raw_norm))
+        del grads
+        for p in params:
+            p.grad = None
         if not torch.equal(active2, active1):
-            set_requires_grad(layout, active2)
+            trainable.enable(active2)
         # the calls below the lowest active module of pass 1 give the same outputs at w + e: replay them
         reuse = prefix_reuse if not bool((active2 & ~active1).any()) else None
         with second_pass_context(), reuse.replay() if reuse is not None else contextlib.nullcontext():
             loss2 = forward_backward(PERTURBED)
     finally:  # w is restored even when pass 2 raises (KeyboardInterrupt, OOM, a bug in the loss)
-        perturbation.restore(params, saved)
+        guard.restore()
     method.combine(params, first_grads, first)
     return loss2
-
-
-def set_requires_grad(layout: ArmLayout, active: Tensor | None) -> None:
-    """``requires_grad`` on the parameters of the active arms only (all arms when ``active`` is None)."""
-    if active is None:
-        for p in layout.params:
-            p.requires_grad_(True)
-        return
-    for arm, on in zip(layout.arms, active.tolist(), strict=True):
-        for p in arm.params:
-            p.requires_grad_(on)
 
 
 def optimizer_grads(optimizer: Any) -> list[Tensor]:

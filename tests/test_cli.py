@@ -161,7 +161,11 @@ def test_slsam_train_raises_the_config_error_with_hydra_full_error(tmp_path: Pat
 @pytest.mark.parametrize(
     ("override", "line"),
     [
-        ("method.rho=-1", "ConfigError: method.rho: the perturbation radius must be a finite number >= 0, got -1.0"),
+        (
+            "method.rho=-1",
+            "ConfigError: method.rho: the perturbation radius must be a finite number >= 0 "
+            "(at most 3.4e+38, float32's largest), got -1.0",
+        ),
         (
             "experiment=sst2_minilm",
             "ConfigError: data.path: no value given; set one on the command line (data.path=...)",

@@ -57,6 +57,7 @@ TESTED_IN: dict[str, list[str]] = {
     "pass_context.py": ["test_module_conversion.py"],  # sam_pass in each pass of a converted training_step
     "probability_logging.py": ["test_logged_values.py"],
     "rng_state.py": ["test_faults.py"],
+    "run.py": ["test_finetuning.py", "test_faults.py"],  # the step's state over a run: trainable set, guard, recovery
     "run_stats.py": ["test_cli.py", "test_faults.py"],  # best/final metric in result.json, across a resume
     "skipped_steps.py": ["test_faults.py"],
     "warmup_schedule.py": ["test_faults.py"],  # scheduler=cosine in the resume runs (no test checks its LR values)
