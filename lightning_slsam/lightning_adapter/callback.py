@@ -14,26 +14,27 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import module_conversion, pass_context, probability_logging
-from lightning_slsam.argument_checks import check_int
-from lightning_slsam.arms import ArmLayout, build_arms
-from lightning_slsam.distributed import assert_same_arms, check_strategy, disable_ddp_sync
-from lightning_slsam.fisher_samples import draw_training_samples
-from lightning_slsam.lr_schedules import step_schedulers
+from lightning_slsam.engine.argument_checks import check_int
+from lightning_slsam.engine.arms import ArmLayout, build_arms
+from lightning_slsam.engine.distributed import assert_same_arms, check_strategy, disable_ddp_sync
+from lightning_slsam.engine.method import EpochStart, Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.run import Run
+from lightning_slsam.engine.skipped_steps import SkippedSteps
+from lightning_slsam.engine.step_options import StepOptions, keyword_parameters, split_arguments
+from lightning_slsam.lightning_adapter import module_conversion, pass_context, probability_logging
+from lightning_slsam.lightning_adapter.fisher_samples import draw_training_samples
+from lightning_slsam.lightning_adapter.lr_schedules import step_schedulers
+from lightning_slsam.lightning_adapter.step_record import StepRecord, log_step
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
-from lightning_slsam.methods.interface import EpochStart, Method, PassOne
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
-from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
-from lightning_slsam.prefix_reuse import PrefixReuse
-from lightning_slsam.run import Run
-from lightning_slsam.skipped_steps import SkippedSteps
-from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
 STATE_KEY_PREFIX = "SharpnessAware["
 
@@ -63,7 +64,7 @@ class SharpnessAware(pl.Callback):
 
     Arguments (keywords only): the method's own (its options class, ``options_class``, e.g.
     :class:`~lightning_slsam.methods.slsam.SLSAMOptions`), the shared step's
-    (:class:`~lightning_slsam.step_options.StepOptions`: ``arms``, ``bn_running_stats``, ``clip_grad_norm``,
+    (:class:`~lightning_slsam.engine.step_options.StepOptions`: ``arms``, ``bn_running_stats``, ``clip_grad_norm``,
     ``clip_grad_value``, ``check_ranks``, ``reuse_prefix``, ``max_skipped_steps``) and the callback's own
     (:class:`LightningOptions`: ``accumulate``, ``history_every``). Each is checked when the callback is built,
     and an unknown name is a TypeError that lists the accepted ones.
@@ -109,6 +110,8 @@ class SharpnessAware(pl.Callback):
         self.accumulate = lightning.accumulate
         self.history_every = lightning.history_every
         self.history_size = lightning.history_size
+        #: the counters and probability history of the steps run so far; checkpoint state
+        self.record = StepRecord(self.history_every, self.history_size)
         #: steps skipped for non-finite gradients; part of the checkpoint
         self.skipped = SkippedSteps(self.step_options.max_skipped_steps, owner=name)
         #: the model attached to the method's step (arms, method, trainable set, hooks), from fit start
@@ -117,15 +120,6 @@ class SharpnessAware(pl.Callback):
         self.layout: ArmLayout | None = None
         self._loaded: dict[str, Any] | None = None
         self._micro_batches: list[Any] = []
-        self.steps = 0
-        self.active_ratio_sum = 0.0
-        self.active_ratio2_sum = 0.0
-        self.passes_sum = 0
-        #: how often each arm was active in pass 1 (int64, one per arm)
-        self.selection_counts = torch.zeros(0, dtype=torch.long)
-        self._history: list[Tensor] = []
-        #: the interval of the kept records: ``history_every``, doubled each time ``history_size`` is reached
-        self._history_interval = self.history_every
         self._update_lrs: list[float] | None = None  # per parameter group, read at this step's optimizer.step()
 
     def __getattr__(self, name: str) -> Any:
@@ -210,9 +204,7 @@ class SharpnessAware(pl.Callback):
             pl_module, self.layout, self.method, self.step_options, trainer.optimizers[0], type(self).__name__
         )
         self._micro_batches = []
-        self.selection_counts = torch.zeros(len(self.layout), dtype=torch.long)
-        self._history = []
-        self._history_interval = self.history_every
+        self.record.start(len(self.layout))
         if self._loaded is not None:
             self._apply_loaded()
 
@@ -269,8 +261,8 @@ class SharpnessAware(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_schedulers(trainer, "epoch", epoch_end=True)
-        if self.steps:
-            pl_module.log("train/active_ratio_epoch", self.active_ratio_sum / self.steps)
+        if self.record.steps:
+            pl_module.log("train/active_ratio_epoch", self.mean_active_ratio)
         if self.layout is not None:  # SL-SAM: histogram and heatmap of the arm probabilities on TensorBoard
             probability_logging.log_epoch(
                 trainer.loggers,
@@ -314,38 +306,11 @@ class SharpnessAware(pl.Callback):
         assert self.run is not None
         ratio = self.run.active_ratio(active1)
         ratio2 = 0.0 if active2 is None else self.run.active_ratio(active2)
-        self.steps += 1
-        self.active_ratio_sum += ratio
-        self.active_ratio2_sum += ratio2
-        self.passes_sum += 1 if loss2 is None else 2
-        self.selection_counts += active1.to(torch.long)
-        if self.history_every and (self.steps - 1) % self._history_interval == 0:
-            probs = self.probabilities()
-            if probs is not None:
-                self._history.append(probs.to(torch.float32))
-                if len(self._history) > self.history_size:  # bounded: every other record, twice the interval
-                    self._history = self._history[::2]
-                    self._history_interval *= 2
-        # a key the user's training_step logged this step keeps the user's value
-        log = functools.partial(pass_context.log_unless_user_logged, module)
-        log("train/loss", loss.detach(), prog_bar=True)
-        log("train/active_ratio", ratio)
-        log("train/passes", 1.0 if loss2 is None else 2.0)
-        if self.method is not None and self.method.measures_norms:
-            log("train/grad_norm", first.norm_over(active1))
-        if loss2 is not None and active2 is not None:
-            log("train/loss_perturbed", loss2.detach())
-            log("train/sharpness", (loss2 - loss).detach())
-        # 0 on one-pass steps, so that its mean over steps is the average cost of the second backward pass
-        log("train/active_ratio_pass2", ratio2)
-        if self._update_lrs is not None:  # the learning rates of this step's update (none when it was skipped)
-            for index, lr in enumerate(self._update_lrs):
-                log("train/lr" if len(self._update_lrs) == 1 else f"train/lr_pg{index}", lr)
-            self._update_lrs = None
         probs = self.probabilities()
-        if probs is not None:  # methods that sample arms: a summary of the per-arm probabilities, any logger
-            for key, value in probability_logging.summary(probs).items():
-                log(key, value)
+        self.record.add(ratio, ratio2, 1 if loss2 is None else 2, active1, probs)
+        grad_norm = self.method is not None and self.method.measures_norms
+        update_lrs, self._update_lrs = self._update_lrs, None
+        log_step(module, loss, loss2, first, active1, active2, ratio, ratio2, grad_norm, update_lrs, probs)
 
     def record_skip(
         self, module: pl.LightningModule, skipped: bool, global_step: int, where: str, scaler: bool
@@ -355,19 +320,37 @@ class SharpnessAware(pl.Callback):
         pass_context.log_unless_user_logged(module, "train/skipped_steps", float(self.skipped.total))
 
     @property
+    def steps(self) -> int:
+        """Optimizer steps run so far (skipped ones aside)."""
+        return self.record.steps
+
+    @property
+    def selection_counts(self) -> Tensor:
+        """How often each arm was active in pass 1 (int64, one per arm)."""
+        return self.record.selection_counts
+
+    @property
+    def active_ratio_sum(self) -> float:
+        return self.record.active_ratio_sum
+
+    @property
+    def passes_sum(self) -> int:
+        return self.record.passes_sum
+
+    @property
     def mean_active_ratio(self) -> float:
         """Mean active-parameter ratio (pass 1) over all steps so far; 0 before the first step."""
-        return self.active_ratio_sum / self.steps if self.steps else 0.0
+        return self.record.mean(self.record.active_ratio_sum)
 
     @property
     def mean_active_ratio_pass2(self) -> float:
         """Mean active-parameter ratio of pass 2 over all steps so far (0 counted for one-pass steps)."""
-        return self.active_ratio2_sum / self.steps if self.steps else 0.0
+        return self.record.mean(self.record.active_ratio2_sum)
 
     @property
     def mean_passes(self) -> float:
         """Mean forward+backward passes per optimizer step so far (1 to 2)."""
-        return self.passes_sum / self.steps if self.steps else 0.0
+        return self.record.mean(self.record.passes_sum)
 
     def probabilities(self) -> Tensor | None:
         """Current per-arm sampling probabilities (float64, CPU), or None for methods that do not sample."""
@@ -377,29 +360,19 @@ class SharpnessAware(pl.Callback):
     def probability_history(self) -> Tensor | None:
         """Per-arm probabilities recorded every :attr:`history_interval` steps from the first: float32
         ``(records, N)`` with at most ``history_size`` records, or None."""
-        return torch.stack(self._history) if self._history else None
+        return self.record.probability_history()
 
     @property
     def history_interval(self) -> int:
         """Steps between two records of :meth:`probability_history`: ``history_every``, doubled each time the
         history reached ``history_size`` records (it then keeps every other one)."""
-        return self._history_interval
+        return self.record.interval
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.run is None:
             return dict(self._loaded) if self._loaded is not None else {}
-        return {
-            **self.run.state_dict(),
-            "steps": self.steps,
-            "active_ratio_sum": self.active_ratio_sum,
-            "active_ratio2_sum": self.active_ratio2_sum,
-            "passes_sum": self.passes_sum,
-            "selection_counts": self.selection_counts.clone(),
-            "skipped_steps": self.skipped.state_dict(),
-            "history": list(self._history),
-            "history_interval": self._history_interval,
-        }
+        return {**self.run.state_dict(), **self.record.state_dict(), "skipped_steps": self.skipped.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
@@ -412,13 +385,7 @@ class SharpnessAware(pl.Callback):
             return
         assert self.run is not None
         self.run.load_state_dict(state)
-        self.steps = int(state["steps"])
-        self.active_ratio_sum = float(state["active_ratio_sum"])
-        self.active_ratio2_sum = float(state["active_ratio2_sum"])
-        self.passes_sum = int(state["passes_sum"])
-        self.selection_counts = state["selection_counts"].clone()
-        self._history = list(state["history"])
-        self._history_interval = int(state.get("history_interval", self.history_every))
+        self.record.load_state_dict(state)
         self.skipped.load_state_dict(state.get("skipped_steps", {}))  # absent in older checkpoints
 
 
@@ -448,7 +415,7 @@ class LightningOptions:
 class Base(SharpnessAware):
     """The base optimizer (one pass per step) with the same logging as the other methods: method ``base``.
 
-    Arguments: the step options (:class:`~lightning_slsam.step_options.StepOptions`) and ``accumulate``,
+    Arguments: the step options (:class:`~lightning_slsam.engine.step_options.StepOptions`) and ``accumulate``,
     ``history_every``.
     """
 
@@ -457,7 +424,7 @@ class Base(SharpnessAware):
 
 class SAM(SharpnessAware):
     """SAM on every parameter (Foret et al. 2021). Arguments: :class:`~lightning_slsam.methods.sam.SAMOptions`,
-    the step options (:class:`~lightning_slsam.step_options.StepOptions`), ``accumulate``, ``history_every``."""
+    the step options (:class:`~lightning_slsam.engine.step_options.StepOptions`), ``accumulate``, ``history_every``."""
 
     options_class = SAMOptions
 
