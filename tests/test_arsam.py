@@ -38,7 +38,7 @@ class _ARSAM(SharpnessAware):
         self.kwargs = kwargs
 
     def build_method(self, layout: Any) -> ARSAMMethod:
-        return ARSAMMethod(**self.kwargs)
+        return ARSAMMethod(**ARSAMOptions(**self.kwargs).as_dict())
 
 
 class PassCounter(L.Callback):
@@ -234,7 +234,9 @@ def test_psf_is_stored_unscaled_and_reused_at_the_current_scale() -> None:
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     layout = build_arms(model, "tensor")
-    method = ARSAMMethod(rho=0.1, threshold=math.inf, max_interval=3, mix_decay=0.5, mix_steps=None)
+    method = ARSAMMethod(
+        **ARSAMOptions(rho=0.1, threshold=math.inf, max_interval=3, mix_decay=0.5, mix_steps=None).as_dict()
+    )
     method.setup(layout)
     g1 = [torch.randn_like(p) for p in layout.params]  # unscaled g(w)
     g2 = [torch.randn_like(p) for p in layout.params]  # unscaled g(w + e)
@@ -301,7 +303,7 @@ def test_non_finite_psf_keeps_the_previous_one() -> None:
     """An overflowing pass 2 must not store an inf PSF (it would poison every reuse step after it)."""
     model = nn.Linear(3, 2)
     layout = build_arms(model, "tensor")
-    method = ARSAMMethod(threshold=math.inf, max_interval=3)
+    method = ARSAMMethod(**ARSAMOptions(threshold=math.inf, max_interval=3).as_dict())
     method.setup(layout)
     for step, second in enumerate([1.0, math.inf]):
         for p in layout.params:
@@ -358,10 +360,10 @@ def test_bad_arguments_raise_naming_the_argument(argument: str, value: Any) -> N
 
 def test_last_arms_measures_only_the_last_arms() -> None:
     layout = build_arms(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), "tensor")  # 4 tensor arms
-    method = ARSAMMethod(last_arms=1)
+    method = ARSAMMethod(**ARSAMOptions(last_arms=1).as_dict())
     method.setup(layout)
     assert method._ratio_arms.tolist() == [False, False, False, True]
-    method = ARSAMMethod(last_arms=10)  # more than the model has: all of them
+    method = ARSAMMethod(**ARSAMOptions(last_arms=10).as_dict())  # more than the model has: all of them
     method.setup(layout)
     assert method._ratio_arms.all()
 
@@ -370,7 +372,7 @@ def test_state_dict_round_trip(make_module, make_trainer, tiny_loader) -> None:
     callback, _ = fit(make_module(), tiny_loader, make_trainer, 5, threshold=math.inf, max_interval=3)
     state = callback.method.state_dict()
     assert (state["steps"], state["refreshes"], state["reuses"], state["since_refresh"]) == (5, 2, 3, 1)
-    fresh = ARSAMMethod(threshold=math.inf, max_interval=3)
+    fresh = ARSAMMethod(**ARSAMOptions(threshold=math.inf, max_interval=3).as_dict())
     fresh.setup(build_arms(make_module(), "tensor"))
     fresh.load_state_dict(state)
     again = fresh.state_dict()

@@ -16,11 +16,12 @@ from omegaconf import OmegaConf
 
 import lightning_slsam
 from lightning_slsam import optim
-from lightning_slsam.callback import CALLBACKS, LightningOptions, SharpnessAware
-from lightning_slsam.cli import instantiate_group
-from lightning_slsam.config_schema import METHOD_SCHEMAS
+from lightning_slsam.app.cli import instantiate_group
+from lightning_slsam.app.config_schema import METHOD_SCHEMAS
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.step_options import StepOptions
+from lightning_slsam.lightning_adapter.callback import CALLBACKS, LightningOptions, SharpnessAware
 from lightning_slsam.methods.registry import METHOD_OPTIONS
-from lightning_slsam.step_options import StepOptions
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 NAMES = sorted(METHOD_OPTIONS)
@@ -63,6 +64,7 @@ BAD: list[tuple[str, str, Any]] = [
 @pytest.mark.parametrize("name", NAMES)
 def test_the_callback_and_the_optimizer_take_exactly_the_definitions_arguments(name: str) -> None:
     options = METHOD_OPTIONS[name]
+    assert issubclass(options, MethodOptions) and options.name == name
     own = list(options.field_names())
     callback = CALLBACKS[name]
     assert callback.options_class is options
@@ -179,8 +181,21 @@ def test_a_subclass_may_build_its_own_method() -> None:
         options_class = METHOD_OPTIONS["sam"]
 
         def build_method(self, layout: Any) -> lightning_slsam.Method:
-            return lightning_slsam.SAMMethod(rho=0.0)
+            return lightning_slsam.SAMMethod(rho=0.0, adaptive=False, eta=0.01)
 
     module = TinyNet()
     method = Mine().method_for(module, lightning_slsam.build_arms(module, "tensor"))
     assert method.rho == 0.0 and method.layout is not None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_methods_defaults_live_only_in_its_options(name: str) -> None:
+    """The ``Method`` a definition builds takes its arguments without defaults of its own, so a default cannot
+    drift from the options class (as ``RSTMethod(seed=0)`` once did from ``RSTOptions.seed=None``)."""
+    options = METHOD_OPTIONS[name]
+    module = TinyNet()
+    method = options().build(module, lightning_slsam.build_arms(module, options.default_arms))
+    fields = set(options.field_names())
+    for parameter in inspect.signature(type(method)).parameters.values():
+        if parameter.name in fields:
+            assert parameter.default is inspect.Parameter.empty, f"{type(method).__name__}({parameter.name}=...)"

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from lightning_slsam import SAM, SLSAM, FixedSampler, SharpnessAwareMixin, SLSAMMethod, prefix_reuse
-from lightning_slsam.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.prefix_reuse import PrefixReuse
 from tests.conftest import BATCH_SIZE, IN_FEATURES, NUM_CLASSES, make_dataset, quiet_trainer
 
 WIDTH = 16
@@ -341,7 +341,7 @@ class FixedSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         mask = torch.tensor([arm.name in self.active for arm in layout.arms])
         assert int(mask.sum()) == len(self.active), [arm.name for arm in layout.arms]
-        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask))
+        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask), max_update_scale=None)
 
 
 def test_module_reading_an_active_parameter_it_does_not_call(replays: list[int]) -> None:

@@ -360,14 +360,14 @@ def test_ssamf_with_combined_loaders(make_trainer, tiny_dataset) -> None:
 def test_ssamd_initial_mask_has_the_asked_unperturbed_fraction(make_module, unperturbed: float) -> None:
     module = make_module()
     layout = build_arms(module)
-    method = SSAMDMethod(unperturbed_fraction=unperturbed, seed=3)
+    method = SSAMDMethod(**SSAMDOptions(unperturbed_fraction=unperturbed, seed=3).as_dict())
     method.setup(layout)
     total = sum(p.numel() for p in module.parameters())
     assert method.num_live == round((1 - unperturbed) * total)
     for mask, p in zip(method.masks, layout.params, strict=True):
         assert mask.dtype == torch.bool and mask.shape == p.shape and mask.device == p.device
-    again = SSAMDMethod(unperturbed_fraction=unperturbed, seed=3)
-    other = SSAMDMethod(unperturbed_fraction=unperturbed, seed=4)
+    again = SSAMDMethod(**SSAMDOptions(unperturbed_fraction=unperturbed, seed=3).as_dict())
+    other = SSAMDMethod(**SSAMDOptions(unperturbed_fraction=unperturbed, seed=4).as_dict())
     again.setup(layout)
     other.setup(layout)
     assert all(torch.equal(a, b) for a, b in zip(method.masks, again.masks, strict=True))
@@ -553,7 +553,11 @@ def test_state_dict_round_trip_restores_masks(make_module, make_trainer, tiny_lo
     state = method.state_dict()
     assert all(m.device.type == "cpu" and m.dtype == torch.bool for m in state["masks"])
 
-    fresh = SSAMFMethod(num_samples=16) if kind == "ssam_f" else SSAMDMethod(grow="random", seed=99)
+    fresh = (
+        SSAMFMethod(**SSAMFOptions(num_samples=16).as_dict())
+        if kind == "ssam_f"
+        else SSAMDMethod(**SSAMDOptions(grow="random", seed=99).as_dict())
+    )
     fresh.setup(build_arms(module))
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.masks, method.masks, strict=True))

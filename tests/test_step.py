@@ -105,7 +105,7 @@ class FixedSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         mask = torch.tensor([name in self.active_names for name in layout.names])
         assert int(mask.sum()) == len(self.active_names), (layout.names, self.active_names)
-        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask))
+        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask), max_update_scale=None)
 
 
 class ScheduledSampler(ArmSampler):
@@ -132,7 +132,7 @@ class ScheduledSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         everything = torch.ones(len(layout), dtype=torch.bool)
         mask = torch.tensor([name in self.active_names for name in layout.names])
-        return SLSAMMethod(self.options.rho, ScheduledSampler([everything, mask]))
+        return SLSAMMethod(self.options.rho, ScheduledSampler([everything, mask]), max_update_scale=None)
 
 
 # --- references ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""One file per method, all on the interface of :mod:`lightning_slsam.methods.interface`."""
+"""One file per method, all on the interface of :mod:`lightning_slsam.engine.method`."""
 
+from lightning_slsam.engine.method import EpochStart, Method, PassOne
 from lightning_slsam.methods.arsam import ARSAMMethod
 from lightning_slsam.methods.base import BaseMethod
-from lightning_slsam.methods.interface import EpochStart, Method, PassOne
 from lightning_slsam.methods.lagnp import LayerwiseGNPMethod
 from lightning_slsam.methods.looksam import LookSAMMethod
 from lightning_slsam.methods.rst import RSTMethod

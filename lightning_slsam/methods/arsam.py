@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_fraction, check_int, check_number, check_rho
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import EpochStart, Method, PassOne
-from lightning_slsam.methods.options import MethodOptions
-from lightning_slsam.perturbation import NORM_EPS, tensor_norms
+from lightning_slsam.engine.argument_checks import check_fraction, check_int, check_number, check_rho
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.method import EpochStart, Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.perturbation import NORM_EPS, tensor_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +93,14 @@ class ARSAMMethod(Method):
 
     def __init__(
         self,
-        rho: float = 0.05,
-        threshold: float = 0.2,
-        max_interval: int = 5,
-        mix_decay: float = 0.7,
-        mix_steps: int | None = 6,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        last_arms: int | None = None,
+        rho: float,
+        threshold: float,
+        max_interval: int,
+        mix_decay: float,
+        mix_steps: int | None,
+        warmup_steps: int,
+        warmup_epochs: int,
+        last_arms: int | None,
     ) -> None:
         super().__init__(rho)
         self.threshold = float(threshold)

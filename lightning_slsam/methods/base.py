@@ -6,9 +6,9 @@ import dataclasses
 
 from torch import nn
 
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import Method, PassOne
-from lightning_slsam.methods.options import MethodOptions
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.method import Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
 
 
 @dataclasses.dataclass(frozen=True)

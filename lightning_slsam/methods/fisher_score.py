@@ -1,7 +1,7 @@
 """The empirical Fisher score of SSAM-F (Mi et al. 2022): ``sum_i (d loss(sample_i) / d w)^2`` per element.
 
 Everything here works on batches already drawn and on the device; where the batches come from is the
-adapter's business (the Trainer's training loader in :mod:`lightning_slsam.fisher_samples`, the user's
+adapter's business (the Trainer's training loader in :mod:`lightning_slsam.lightning_adapter.fisher_samples`, the user's
 ``fisher_data`` in :class:`lightning_slsam.optim.SSAMF`). No Lightning import (docs/design.md#layers).
 
 A batch is any nest of lists, tuples and dicts holding tensors (what a ``DataLoader`` collates); its *samples*
@@ -19,7 +19,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_choice
+from lightning_slsam.engine.argument_checks import check_choice
 
 #: how per-sample gradients are taken: torch.func's vmap, one backward per sample, or vmap with the loop as fallback
 PER_SAMPLE = ("auto", "vmap", "loop")

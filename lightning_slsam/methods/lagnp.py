@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_fraction, check_int, check_rho
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import Method, PassOne
-from lightning_slsam.methods.options import MethodOptions
+from lightning_slsam.engine.argument_checks import check_fraction, check_int, check_rho
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.method import Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,7 @@ class LayerwiseGNPMethod(Method):
 
     name = "lagnp"
 
-    def __init__(
-        self, rho: float = 0.05, alpha: float = 0.8, layer_fraction: float = 0.1, reselect_every: int = 1
-    ) -> None:
+    def __init__(self, rho: float, alpha: float, layer_fraction: float, reselect_every: int) -> None:
         super().__init__(rho)
         self.alpha = float(alpha)
         self.layer_fraction = float(layer_fraction)

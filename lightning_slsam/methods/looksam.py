@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_int, check_number, check_rho
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import Method, PassOne
-from lightning_slsam.methods.options import MethodOptions
+from lightning_slsam.engine.argument_checks import check_int, check_number, check_rho
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.method import Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class LookSAMMethod(Method):
 
     name = "looksam"
 
-    def __init__(self, rho: float = 0.05, k: int = 5, alpha: float = 0.7) -> None:
+    def __init__(self, rho: float, k: int, alpha: float) -> None:
         super().__init__(rho)
         self.k = k
         self.alpha = float(alpha)

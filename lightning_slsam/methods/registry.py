@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from lightning_slsam.engine.method_options import MethodOptions
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
-from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_fraction, check_rho, check_seed
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.distributed import broadcast_seed
-from lightning_slsam.methods.interface import Method, PassOne
-from lightning_slsam.methods.options import MethodOptions
+from lightning_slsam.engine.argument_checks import check_fraction, check_rho, check_seed
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.distributed import broadcast_seed
+from lightning_slsam.engine.method import Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class RSTMethod(Method):
 
     name = "rst"
 
-    def __init__(self, rho: float = 0.05, p: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, rho: float, p: float, seed: int) -> None:
         super().__init__(rho)
         self.p = float(p)
         self.generator = torch.Generator().manual_seed(int(seed))

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_bool, check_number, check_rho
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import Method
-from lightning_slsam.methods.options import MethodOptions
-from lightning_slsam.perturbation import adaptive_perturbation
+from lightning_slsam.engine.argument_checks import check_bool, check_number, check_rho
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.method import Method
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.perturbation import adaptive_perturbation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ASAMOptions(MethodOptions):
 class SAMMethod(Method):
     """SAM: ``e = rho g / ||g||`` over all arms; the optimizer sees g(w + e). Arguments: :class:`SAMOptions`."""
 
-    def __init__(self, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01) -> None:
+    def __init__(self, rho: float, adaptive: bool, eta: float) -> None:
         super().__init__(rho)
         self.adaptive = bool(adaptive)
         self.eta = float(eta)

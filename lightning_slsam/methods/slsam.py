@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_choice, check_fraction, check_number, check_rho, check_seed
-from lightning_slsam.arm_groups import check_spec, select_arms
-from lightning_slsam.arms import ArmLayout, build_arms
-from lightning_slsam.distributed import broadcast_seed
-from lightning_slsam.methods.interface import Method, PassOne
-from lightning_slsam.methods.options import MethodOptions
-from lightning_slsam.samplers import (
+from lightning_slsam.engine.argument_checks import check_choice, check_fraction, check_number, check_rho, check_seed
+from lightning_slsam.engine.arm_groups import check_spec, select_arms
+from lightning_slsam.engine.arms import ArmLayout, build_arms
+from lightning_slsam.engine.distributed import broadcast_seed
+from lightning_slsam.engine.method import Method, PassOne
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.samplers import (
     MIN_PROB,
     NORM_SCALES,
     ArmSampler,
@@ -51,16 +51,16 @@ class SLSAMOptions(MethodOptions):
         seed: the sampler's seed; None draws it from the global torch RNG (``seed_everything`` fixes it).
         sampler: ``"exp3"`` (default, the paper's bandit) or ``"uniform"`` (random arms, fixed p = sparsity).
         norm_scale: ``"raw"`` (default, faithful) or ``"running_mean"`` (scale-free bandit, see
-            :class:`~lightning_slsam.samplers.Exp3Sampler`).
+            :class:`~lightning_slsam.engine.samplers.Exp3Sampler`).
         top_fraction: sample only among the top ``ceil(top_fraction * N)`` of the N arms, in parameter
             order (default 1.0: all arms, the paper's); the arms below never train. With ``arms="block"``
             and ``sparsity`` then a fraction of the window, this is the low-cost setting: backward passes
             stop at the window and pass 2 replays the forward below it (see
-            :class:`~lightning_slsam.samplers.TopArmsSampler`).
+            :class:`~lightning_slsam.engine.samplers.TopArmsSampler`).
         always_active: arms active on every step, outside the bandit (default none, the paper's): group
             names ``"head"``, ``"norms"``, ``"biases"``, ``"vectors"`` (every tensor of at most one
             dimension), ``"embeddings"``, or fnmatch patterns on parameter names (see
-            :mod:`lightning_slsam.arm_groups`); a string is one entry. The bandit then samples the other
+            :mod:`lightning_slsam.engine.arm_groups`); a string is one entry. The bandit then samples the other
             arms with budget ``sparsity`` times their count.
         max_update_scale: None (default, the paper's) or a cap c >= 1: each active arm's optimizer update
             is scaled by ``min(1 / p_i, c)``, p_i its sampling probability, so that rarely sampled arms
@@ -232,7 +232,7 @@ class SLSAMMethod(Method):
         self,
         rho: float,
         sampler: ArmSampler,
-        max_update_scale: float | None = None,
+        max_update_scale: float | None,
         resample: Callable[[Tensor], ArmSampler] | None = None,
     ) -> None:
         super().__init__(rho)

@@ -30,13 +30,13 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.argument_checks import check_choice, check_fraction, check_int, check_rho, check_seed
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.distributed import all_reduce_mean, broadcast_seed
+from lightning_slsam.engine.argument_checks import check_choice, check_fraction, check_int, check_rho, check_seed
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.distributed import all_reduce_mean, broadcast_seed
+from lightning_slsam.engine.method import EpochStart, Method
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.perturbation import sam_perturbation
 from lightning_slsam.methods.fisher_score import PER_SAMPLE, preserved_rng, scores_and_way
-from lightning_slsam.methods.interface import EpochStart, Method
-from lightning_slsam.methods.options import MethodOptions
-from lightning_slsam.perturbation import sam_perturbation
 
 DROP_SCORES = ("gradient", "random")
 GROW_SCORES = ("random", "gradient")
@@ -169,11 +169,11 @@ class SSAMFMethod(_MaskedSAM):
 
     def __init__(
         self,
-        rho: float = 0.05,
-        unperturbed_fraction: float = 0.5,
-        num_samples: int = 128,
-        update_every_epochs: int = 1,
-        per_sample: Literal["auto", "vmap", "loop"] = "auto",
+        rho: float,
+        unperturbed_fraction: float,
+        num_samples: int,
+        update_every_epochs: int,
+        per_sample: Literal["auto", "vmap", "loop"],
     ) -> None:
         super().__init__(rho, unperturbed_fraction, update_every_epochs)
         self.num_samples = int(num_samples)
@@ -259,13 +259,13 @@ class SSAMDMethod(_MaskedSAM):
 
     def __init__(
         self,
-        rho: float = 0.05,
-        unperturbed_fraction: float = 0.5,
-        drop_rate: float = 0.5,
-        update_every_epochs: int = 1,
-        drop: Literal["gradient", "random"] = "gradient",
-        grow: Literal["random", "gradient"] = "random",
-        seed: int | None = None,
+        rho: float,
+        unperturbed_fraction: float,
+        drop_rate: float,
+        update_every_epochs: int,
+        drop: Literal["gradient", "random"],
+        grow: Literal["random", "gradient"],
+        seed: int | None,
     ) -> None:
         super().__init__(rho, unperturbed_fraction, update_every_epochs)
         self.drop_rate = float(drop_rate)
