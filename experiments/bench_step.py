@@ -70,7 +70,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_slsam
-from lightning_slsam.callback import CALLBACKS, SharpnessAware
+from lightning_slsam.lightning_adapter.callback import CALLBACKS, SharpnessAware
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "experiments" / "results"

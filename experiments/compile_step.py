@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin
-from lightning_slsam.trainable import TrainableSet
+from lightning_slsam.engine.trainable import TrainableSet
 
 WAYS = ("eager", "whole", "regional")
 

@@ -650,7 +650,7 @@ def _load_bench() -> Any:
 
 def library_method_schema(name: str) -> type | None:
     """The structured-config schema of a library method, or None if the library has no method of that name."""
-    from lightning_slsam import config_schema
+    from lightning_slsam.app import config_schema
 
     return getattr(config_schema, "METHOD_SCHEMAS", {}).get(name)
 
@@ -666,7 +666,7 @@ def optional_method_status(name: str = OPTIONAL_COST_METHOD) -> tuple[str | None
         pass
     if library_method_schema(name) is not None:
         return "schema", f"{name}: built from the library's config schema defaults (bench_step does not name it)"
-    return None, f"{name}: skipped, the library has no method of that name (lightning_slsam.config_schema)"
+    return None, f"{name}: skipped, the library has no method of that name (lightning_slsam.app.config_schema)"
 
 
 def bench_child(argv: list[str]) -> None:

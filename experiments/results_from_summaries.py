@@ -4,7 +4,7 @@
     python experiments/results_from_summaries.py --check   # exit 1 when a table in docs/results.md is stale
 
 The sweeps of ``docs/results.md`` ran with ``hydra.sweep.dir=experiments/results/<experiment>/...``; each
-experiment folder keeps only ``summary.json`` in git (``python -m lightning_slsam.sweep_summary
+experiment folder keeps only ``summary.json`` in git (``python -m lightning_slsam.app.sweep_summary
 experiments/results/<experiment>``: every run's record, config, validation curve and downsampled sampling-probability
 history). This script reads those summaries and
 
@@ -12,9 +12,9 @@ history). This script reads those summaries and
   ``<!-- end generated: NAME -->`` (the names are the keys of :data:`TABLES`; each must appear once), and
 - writes the page's figures into ``docs/assets/results/<experiment>/``: ``accuracy_vs_time.png`` and, for each
   sampling method, the probability heatmap of its first seed (``probabilities_<label>_seed<seed>.png``), with
-  ``slsam-report``'s own functions (:mod:`lightning_slsam.report`).
+  ``slsam-report``'s own functions (:mod:`lightning_slsam.app.report`).
 
-The tables: ``slsam-report``'s table (:func:`lightning_slsam.report.markdown_table`), the accuracy table with the
+The tables: ``slsam-report``'s table (:func:`lightning_slsam.app.report.markdown_table`), the accuracy table with the
 gaps to SAM and to the base optimizer (percent), the table of the longer schedules, and the active ratios next to
 the paper's. Prose numbers of the page are written by hand.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_slsam.report import (
+from lightning_slsam.app.report import (
     ACCURACY_PLOT_NAME,
     load_records,
     markdown_table,
@@ -36,7 +36,7 @@ from lightning_slsam.report import (
     summarize,
     write_heatmaps,
 )
-from lightning_slsam.sweep_summary import SUMMARY_NAME
+from lightning_slsam.app.sweep_summary import SUMMARY_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Experiments whose figures the page shows (written into ``<assets>/<experiment>/``).

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     queue = [(m, lr, s) for s in args.seeds for lr in args.lrs for m in args.methods]
     running: list[tuple[subprocess.Popen, Path]] = []
     started: list[tuple[subprocess.Popen, Path]] = []
-    train = [sys.executable, "-c", "from lightning_slsam.cli import main; main()"]
+    train = [sys.executable, "-c", "from lightning_slsam.app.cli import main; main()"]
     for method, lr, seed in queue:
         folder = out / run_name(method, lr, seed)
         if finished(folder):

@@ -1,7 +1,17 @@
 """lightning-slsam: Sparse-Layer Sharpness-Aware Minimization and its competitors for PyTorch Lightning."""
 
-from lightning_slsam.arms import Arm, ArmLayout, build_arms
-from lightning_slsam.callback import (
+from lightning_slsam import old_paths
+from lightning_slsam.engine.arms import Arm, ArmLayout, build_arms
+from lightning_slsam.engine.samplers import (
+    ArmSampler,
+    Exp3Sampler,
+    FixedSampler,
+    PinnedArmsSampler,
+    TopArmsSampler,
+    UniformSampler,
+    project_capped_simplex,
+)
+from lightning_slsam.lightning_adapter.callback import (
     ARSAM,
     ASAM,
     RST,
@@ -15,6 +25,7 @@ from lightning_slsam.callback import (
     SharpnessAware,
     SLSAMPlus,
 )
+from lightning_slsam.lightning_adapter.mixin import SharpnessAwareMixin
 from lightning_slsam.methods import (
     ARSAMMethod,
     BaseMethod,
@@ -29,16 +40,8 @@ from lightning_slsam.methods import (
     SSAMDMethod,
     SSAMFMethod,
 )
-from lightning_slsam.mixin import SharpnessAwareMixin
-from lightning_slsam.samplers import (
-    ArmSampler,
-    Exp3Sampler,
-    FixedSampler,
-    PinnedArmsSampler,
-    TopArmsSampler,
-    UniformSampler,
-    project_capped_simplex,
-)
+
+old_paths.install()
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,7 @@ callback runs) and wraps a base optimizer the way the SAM implementations people
         loss = opt.step(lambda: F.cross_entropy(model(x), y))  # the closure returns the loss, no backward
         opt.zero_grad()
 
-The step is the same :func:`lightning_slsam.step_engine.run_step` the Lightning mixin runs, so a plain loop and
+The step is the same :func:`lightning_slsam.engine.step.run_step` the Lightning mixin runs, so a plain loop and
 ``Trainer.fit`` with the callback on the same data end with bitwise-equal weights (tests/test_optim.py). Both
 take their arguments from the method's one definition, its options class (``methods/<method>.py``), and build the
 method with it: the two APIs cannot drift apart. This module imports no Lightning.
@@ -28,24 +28,24 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_slsam.arms import ArmLayout, build_arms
-from lightning_slsam.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
+from lightning_slsam.engine.arms import ArmLayout, build_arms
+from lightning_slsam.engine.distributed import all_reduce_mean, assert_same_arms, disable_ddp_sync
+from lightning_slsam.engine.method import EpochStart, Method
+from lightning_slsam.engine.method_options import MethodOptions
+from lightning_slsam.engine.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.run import Run
+from lightning_slsam.engine.skipped_steps import SkippedSteps
+from lightning_slsam.engine.step import StepResult
+from lightning_slsam.engine.step_options import StepOptions, keyword_parameters, split_arguments
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.fisher_score import compute_loss_of, first_samples
-from lightning_slsam.methods.interface import EpochStart, Method
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
-from lightning_slsam.methods.options import MethodOptions
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
-from lightning_slsam.prefix_reuse import PrefixReuse
-from lightning_slsam.run import Run
-from lightning_slsam.skipped_steps import SkippedSteps
-from lightning_slsam.step_engine import StepResult
-from lightning_slsam.step_options import StepOptions, keyword_parameters, split_arguments
 
 __all__ = [
     "ARSAM",
@@ -85,7 +85,7 @@ class SharpnessAwareOptimizer:
             (default None).
         method_args: the method's arguments (its options class, e.g.
             :class:`~lightning_slsam.methods.slsam.SLSAMOptions`: ``rho``, ``sparsity``, ``seed``, ...) and the
-            step's (:class:`~lightning_slsam.step_options.StepOptions`: ``arms``, ``bn_running_stats``,
+            step's (:class:`~lightning_slsam.engine.step_options.StepOptions`: ``arms``, ``bn_running_stats``,
             ``clip_grad_norm``, ``clip_grad_value``, ``reuse_prefix``, ``max_skipped_steps``), the callback's
             own defaults and checks; ``accumulate`` and ``history_every`` do not apply.
 

@@ -176,7 +176,7 @@ def compose_config(overrides: list[str], output_dir: str | None = None):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import lightning_slsam.cli  # noqa: F401 - registers the schemas and resolvers
+    import lightning_slsam.app.cli  # noqa: F401 - registers the schemas and resolvers
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="lightning_slsam.conf", version_base="1.3"):

@@ -1,4 +1,4 @@
-"""The argument checks of ``lightning_slsam/argument_checks.py``, one function at a time.
+"""The argument checks of ``lightning_slsam/engine/argument_checks.py``, one function at a time.
 
 For every check: the values it accepts and the normalised value it returns (``float`` for numbers, the value itself
 otherwise), the values it refuses (a bool where a number is expected, NaN, inf, out of range, the wrong type), and
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_slsam import argument_checks
-from lightning_slsam.argument_checks import (
+from lightning_slsam.engine import argument_checks
+from lightning_slsam.engine.argument_checks import (
     check_bool,
     check_choice,
     check_fraction,

@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import MissingMandatoryValue
 
 from lightning_slsam import SharpnessAware
-from lightning_slsam.cli import ConfigError, error_line, instantiate_group, main, train
+from lightning_slsam.app.cli import ConfigError, error_line, instantiate_group, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -139,7 +139,7 @@ def test_slsam_train_prints_one_line_for_a_config_error(tmp_path: Path) -> None:
     """``slsam-train`` with a bad value (the issue's missing weights file): exactly one line on stderr naming the key,
     no traceback, exit status 2."""
     line = "ConfigError: model.weights: no file at 'no_such_file.th'"
-    command = [sys.executable, "-m", "lightning_slsam.cli", "model.weights=no_such_file.th", *SHRINK]
+    command = [sys.executable, "-m", "lightning_slsam.app.cli", "model.weights=no_such_file.th", *SHRINK]
     command.append(f"hydra.run.dir={tmp_path}")
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env, check=False)
@@ -194,14 +194,14 @@ def test_error_line_leaves_other_errors_to_hydra() -> None:
 def test_multirun_then_report(tmp_path: Path) -> None:
     """``slsam-train -m method=base,slsam`` (shrunk) and ``slsam-report`` on the sweep directory."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "method=base,slsam", *SHRINK]
+    command = [sys.executable, "-m", "lightning_slsam.app.cli", "-m", "method=base,slsam", *SHRINK]
     command += ["data.train_limit=128", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     records = sorted(sweep.rglob("result.json"))
     assert len(records) == 2
     report = subprocess.run(
-        [sys.executable, "-m", "lightning_slsam.report", str(sweep)],
+        [sys.executable, "-m", "lightning_slsam.app.report", str(sweep)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -218,7 +218,14 @@ def test_optuna_sweeper(tmp_path: Path) -> None:
     """``hydra/sweeper=optuna`` runs trials and returns the best metric to the sweeper."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
-    command = [sys.executable, "-m", "lightning_slsam.cli", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_slsam.app.cli",
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+    ]
     command += ["hydra.sweeper.direction=maximize", "+hydra.sweeper.params.rho='interval(0.01,0.1)'", *SHRINK]
     command += ["data.train_limit=64", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)

@@ -1,4 +1,4 @@
-"""A ``torch.compile``d model inside the module (issue 14, item 5; numbers in docs/guide/lightning.md).
+"""A ``torch.compile``d model inside the module (numbers in docs/guide/lightning.md).
 
 SAM compiles once and trains as eager; SL-SAM recompiles when the active arms (the parameters' ``requires_grad``)
 change, and still trains as eager, also past Dynamo's recompile limit. The ``aot_eager`` backend keeps the test

@@ -34,12 +34,12 @@ MUST_RUN = ["index.md", "hydra.md", *sorted(p.relative_to(DOCS).as_posix() for p
 MAX_SKIPPED = 8
 #: modules documented beside lightning_slsam.__all__ on the reference pages, with the members that must appear
 DOCUMENTED_MODULES = {
-    "lightning_slsam.cli": ["ConfigError", "train", "instantiate_group", "error_line", "main"],
-    "lightning_slsam.optional_dependencies": ["OPTIONAL_MODULES", "import_optional", "install_hint"],
-    "lightning_slsam.report": None,  # None: the module's __all__
+    "lightning_slsam.app.cli": ["ConfigError", "train", "instantiate_group", "error_line", "main"],
+    "lightning_slsam.loading.optional_dependencies": ["OPTIONAL_MODULES", "import_optional", "install_hint"],
+    "lightning_slsam.app.report": None,  # None: the module's __all__
     "lightning_slsam.optim": None,
-    "lightning_slsam.step_engine": ["run_step", "StepResult", "measure_pass_one"],
-    "lightning_slsam.sweep_summary": [
+    "lightning_slsam.engine.step": ["run_step", "StepResult", "measure_pass_one"],
+    "lightning_slsam.app.sweep_summary": [
         "write_summary",
         "build_summary",
         "validation_curve",
@@ -49,7 +49,7 @@ DOCUMENTED_MODULES = {
     ],
     "lightning_slsam.data": None,
     "lightning_slsam.models": None,
-    "lightning_slsam.arm_groups": ["ARM_GROUPS", "select_arms", "check_spec"],
+    "lightning_slsam.engine.arm_groups": ["ARM_GROUPS", "select_arms", "check_spec"],
 }
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>.*)$")
 TITLE = re.compile(r'title="(?P<title>[^"]*)"')

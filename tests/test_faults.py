@@ -1,4 +1,4 @@
-"""No run is silently destroyed (issue 15): faults, exact resume and bad inputs, each through a real run.
+"""No run is silently destroyed: faults, exact resume and bad inputs, each through a real run.
 
 1. Non-finite gradients in any pass, with or without a GradScaler, for every method: the step is skipped,
    weights, optimizer state and method state bitwise as before the step; a warning, ``train/skipped_steps``,
@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_slsam import ARSAM, ASAM, RST, SAM, SLSAM, SSAMD, SSAMF, Base, LayerwiseGNP, LookSAM
-from lightning_slsam.callback import SharpnessAware
-from lightning_slsam.skipped_steps import NonFiniteTrainingError
+from lightning_slsam.engine.skipped_steps import NonFiniteTrainingError
+from lightning_slsam.lightning_adapter.callback import SharpnessAware
 
 RHO = 0.1
 BATCHES_PER_EPOCH = 3
@@ -279,7 +279,7 @@ def _slsam_train(argv: list[str], kill_at: tuple[int, int] | None) -> None:
 
     from hydra.core.global_hydra import GlobalHydra
 
-    from lightning_slsam import cli
+    from lightning_slsam.app import cli
     from lightning_slsam.models.classifier import Classifier
 
     torch.set_num_threads(1)
@@ -392,7 +392,7 @@ def test_mid_epoch_resume_with_dropout_and_a_plain_trainer(tmp_path: Any) -> Non
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_slsam.data import ResumableDataLoader
-    from lightning_slsam.rng_state import RNGState
+    from lightning_slsam.lightning_adapter.rng_state import RNGState
 
     def fit(directory: Any, crash_at: int | None = None, ckpt_path: Any = None) -> DropoutNet:
         L.seed_everything(0, verbose=False)
@@ -421,7 +421,7 @@ def _build_nothing(*args: Any, **kwargs: Any) -> None:
 def _one_line_config_error(overrides: list[str], tmp_path: Any, match: str) -> str:
     from conftest import SHRINK, compose_config
 
-    from lightning_slsam.cli import ConfigError, train
+    from lightning_slsam.app.cli import ConfigError, train
 
     cfg = compose_config([*overrides, *SHRINK], str(tmp_path))
     with pytest.raises(ConfigError, match=match) as error:
@@ -451,7 +451,7 @@ def test_text_label_count_is_checked_before_the_model_is_built(tmp_path: Any, mo
 def test_null_label_count_is_taken_from_the_data(tmp_path: Any) -> None:
     from conftest import compose_config
 
-    from lightning_slsam.cli import _match_label_count, instantiate_group
+    from lightning_slsam.app.cli import _match_label_count, instantiate_group
 
     _write_tsv(tmp_path / "tsv", ["a", "b", "c", "a"])
     overrides = ["experiment=sst2_minilm", "data=text_tsv", f"data.path={tmp_path / 'tsv'}", "model.num_labels=null"]
@@ -533,7 +533,7 @@ def test_non_utf8_tsv_names_file_and_line(tmp_path: Any) -> None:
 def test_endless_run_warns(tmp_path: Any, monkeypatch: Any) -> None:
     from conftest import SHRINK, compose_config
 
-    from lightning_slsam.cli import ConfigError, train
+    from lightning_slsam.app.cli import ConfigError, train
 
     monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
     cfg = compose_config([*SHRINK, "trainer.max_epochs=-1"], str(tmp_path))

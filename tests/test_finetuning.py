@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import lightning_slsam
 from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin, SLSAMPlus, optim
-from lightning_slsam.callback import CALLBACKS
+from lightning_slsam.lightning_adapter.callback import CALLBACKS
 
 RHO = 0.05
 LR = 0.1
@@ -477,7 +477,7 @@ def test_plain_loop_loss_under_no_grad_is_an_error(name: str) -> None:
 def test_slsam_warns_when_no_sampled_parameter_gets_a_gradient_for_many_steps(name: str) -> None:
     """Plain SL-SAM samples a few tensors per step; a step without gradient may be an idle head, many in a row
     are a detached loss: warned once they reach NO_GRADIENT_WARN_STEPS."""
-    from lightning_slsam.step_engine import NO_GRADIENT_WARN_STEPS
+    from lightning_slsam.engine.step import NO_GRADIENT_WARN_STEPS
 
     model = TinyNet()
     with torch.random.fork_rng(devices=[]):
@@ -677,7 +677,7 @@ def test_hydra_errors_name_the_key(overrides: list[str], key: str, tmp_path: Pat
     """From the command line each of these is one ConfigError line naming the key, before a model is built."""
     from conftest import SHRINK, compose_config
 
-    from lightning_slsam.cli import ConfigError, train
+    from lightning_slsam.app.cli import ConfigError, train
 
     def build_nothing(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was built although the configuration is invalid")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import experiment_script
 
-import lightning_slsam.step_engine as step_engine
+import lightning_slsam.engine.step as step_engine
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.py"

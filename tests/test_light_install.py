@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_slsam.optional_dependencies import OPTIONAL_MODULES, import_optional, install_hint
+from lightning_slsam.loading.optional_dependencies import OPTIONAL_MODULES, import_optional, install_hint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,10 +112,10 @@ except importlib.metadata.PackageNotFoundError:
     pass
 
 import lightning_slsam
-import lightning_slsam.cli
+import lightning_slsam.app.cli
 import lightning_slsam.data
 import lightning_slsam.models
-import lightning_slsam.report
+import lightning_slsam.app.report
 from lightning_slsam import SLSAM, SharpnessAwareMixin
 
 
@@ -156,14 +156,14 @@ def error_of(call):
 errors = {{
     "digits": error_of(lambda: lightning_slsam.data.DigitsDataModule().setup()),
     "minilm": error_of(lightning_slsam.models.minilm_path),
-    "report": error_of(lambda: lightning_slsam.report._new_figure(1.0, 1.0)),
+    "report": error_of(lambda: lightning_slsam.app.report._new_figure(1.0, 1.0)),
 }}
 with tempfile.TemporaryDirectory() as root:
     try:
-        lightning_slsam.cli.instantiate_group(
+        lightning_slsam.app.cli.instantiate_group(
             "logger", {{"_target_": "lightning.pytorch.loggers.TensorBoardLogger", "save_dir": root}}
         )
-    except lightning_slsam.cli.ConfigError as error:
+    except lightning_slsam.app.cli.ConfigError as error:
         errors["tensorboard"] = str(error)
     # slsam-train's default experiment (scikit-learn's digits) on the core install: the line it prints
     overrides = ["trainer.max_epochs=1", "logger=none", "save_checkpoints=false", f"hydra.run.dir={{root}}"]
@@ -171,7 +171,7 @@ with tempfile.TemporaryDirectory() as root:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            lightning_slsam.cli.main()
+            lightning_slsam.app.cli.main()
         except SystemExit as exit:
             errors["slsam-train"] = [exit.code, stderr.getvalue()]
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {modules!r})

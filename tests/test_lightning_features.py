@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_slsam import SAM, SLSAM, Base
-from lightning_slsam.callback import SharpnessAware
-from lightning_slsam.distributed import check_strategy
+from lightning_slsam.engine.distributed import check_strategy
+from lightning_slsam.lightning_adapter.callback import SharpnessAware
 
 LR = 1e-2  # TinyNet's defaults, which the references copy
 WEIGHT_DECAY = 0.1

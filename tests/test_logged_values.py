@@ -1,4 +1,4 @@
-"""What reaches the loggers (issue 14, item 4): the learning rate and a summary of the arm probabilities every
+"""What reaches the loggers: the learning rate and a summary of the arm probabilities every
 step (CSV), a histogram and a heatmap image on TensorBoard, and the composed config as hyperparameters."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_slsam import SAM, SLSAM
-from lightning_slsam.cli import train
-from lightning_slsam.probability_logging import heatmap_image, summary
+from lightning_slsam.app.cli import train
+from lightning_slsam.lightning_adapter.probability_logging import heatmap_image, summary
 
 STEPS_PER_EPOCH = 6  # make_dataset(96) in batches of 16
 GAMMA = 0.5

@@ -1,4 +1,4 @@
-"""Existing LightningModules converted by adding the mixin, in either base order (issue 14, item 3).
+"""Existing LightningModules converted by adding the mixin, in either base order.
 
 A module keeps its ``training_step`` (returning the loss, calling ``self.log``) or gets a ``compute_loss``; with
 the mixin first or last it trains with the method's step: the weights equal the documented ``compute_loss``

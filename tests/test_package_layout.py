@@ -9,6 +9,7 @@ A new module without any of these fails here.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -20,10 +21,10 @@ PACKAGE = TESTS.parent / "lightning_slsam"
 #: module (relative to ``lightning_slsam/``) -> the test modules that exercise it, for a module without its own
 #: ``tests/test_<stem>.py``. List only a test that really runs the module's code and checks what it does.
 TESTED_IN: dict[str, list[str]] = {
-    "arm_groups.py": ["test_slsam_levers.py"],  # select_arms and SL-SAM's always_active
-    "callback.py": ["test_lightning_features.py", "test_method_options.py", "test_methods.py"],
-    "checkpoint_files.py": ["test_faults.py"],  # empty, truncated, foreign checkpoint and weights files
-    "config_schema.py": ["test_method_options.py"],  # METHOD_SCHEMAS against each method's definition
+    "engine/arm_groups.py": ["test_slsam_levers.py"],  # select_arms and SL-SAM's always_active
+    "lightning_adapter/callback.py": ["test_lightning_features.py", "test_method_options.py", "test_methods.py"],
+    "loading/checkpoint_files.py": ["test_faults.py"],  # empty, truncated, foreign checkpoint and weights files
+    "app/config_schema.py": ["test_method_options.py"],  # METHOD_SCHEMAS against each method's definition
     "data/cifar.py": ["test_data.py"],
     "data/digits.py": ["test_data.py"],
     "data/glue.py": ["test_data.py"],
@@ -32,18 +33,20 @@ TESTED_IN: dict[str, list[str]] = {
     "data/text_tsv.py": ["test_data.py", "test_faults.py"],
     "data/tokenized_text.py": ["test_data.py"],  # PaddingCollate, the text data modules' datasets
     "data/tsv_file.py": ["test_data.py", "test_faults.py"],  # quoted fields; a non-UTF-8 line named
-    "fisher_samples.py": ["test_ssam.py"],  # SSAM-F's samples drawn from the Trainer's loader (num_samples)
-    "lr_schedules.py": ["test_lightning_features.py", "test_models.py"],  # schedulers stepped under manual optimization
+    # SSAM-F's samples drawn from the Trainer's loader (num_samples)
+    "lightning_adapter/fisher_samples.py": ["test_ssam.py"],
+    # schedulers stepped under manual optimization
+    "lightning_adapter/lr_schedules.py": ["test_lightning_features.py", "test_models.py"],
     "methods/base.py": ["test_methods.py"],
-    "methods/interface.py": ["test_arsam.py"],  # PassOne handed to a method's hooks by hand
+    "engine/method.py": ["test_arsam.py"],  # PassOne handed to a method's hooks by hand
     "methods/lagnp.py": ["test_methods.py"],
     "methods/looksam.py": ["test_methods.py"],
-    "methods/options.py": ["test_method_options.py"],
+    "engine/method_options.py": ["test_method_options.py"],
     "methods/registry.py": ["test_method_options.py"],
     "methods/rst.py": ["test_methods.py"],
     "methods/sam.py": ["test_methods.py"],
     "methods/slsam.py": ["test_methods.py", "test_slsam_levers.py"],
-    "mixin.py": ["test_step.py", "test_module_conversion.py"],
+    "lightning_adapter/mixin.py": ["test_step.py", "test_module_conversion.py"],
     "models/classifier.py": ["test_models.py"],
     "models/factory.py": ["test_cli.py", "test_faults.py"],  # the configs' image networks, built by slsam-train
     "models/hf_pretrained.py": ["test_models.py", "test_data.py"],  # the bundled MiniLM (minilm_path)
@@ -53,35 +56,38 @@ TESTED_IN: dict[str, list[str]] = {
     "models/text_classifier.py": ["test_models.py"],
     "models/timm_vit_weights.py": ["test_models.py"],
     "models/vision.py": ["test_models.py"],  # torchvision_resnet and vit
-    "optional_dependencies.py": ["test_light_install.py"],
-    "pass_context.py": ["test_module_conversion.py"],  # sam_pass in each pass of a converted training_step
-    "probability_logging.py": ["test_logged_values.py"],
-    "rng_state.py": ["test_faults.py"],
-    "run.py": ["test_finetuning.py", "test_faults.py"],  # the step's state over a run: trainable set, guard, recovery
-    "run_stats.py": ["test_cli.py", "test_faults.py"],  # best/final metric in result.json, across a resume
-    "skipped_steps.py": ["test_faults.py"],
-    "warmup_schedule.py": ["test_faults.py"],  # scheduler=cosine in the resume runs (no test checks its LR values)
+    "loading/optional_dependencies.py": ["test_light_install.py"],
+    # sam_pass in each pass of a converted training_step
+    "lightning_adapter/pass_context.py": ["test_module_conversion.py"],
+    "lightning_adapter/probability_logging.py": ["test_logged_values.py"],
+    "lightning_adapter/rng_state.py": ["test_faults.py"],
+    "engine/run.py": ["test_finetuning.py", "test_faults.py"],  # the trainable set, the guard, recovery
+    "old_paths.py": ["test_package_layout.py"],  # every 0.1 module path still imports, with a warning
+    "app/run_stats.py": ["test_cli.py", "test_faults.py"],  # best/final metric in result.json, across a resume
+    "engine/skipped_steps.py": ["test_faults.py"],
+    "app/warmup_schedule.py": ["test_faults.py"],  # scheduler=cosine in the resume runs (no test checks its LR values)
 }
 
 #: module -> names by which the tests in TESTED_IN reach it without naming the module itself (a class the package
 #: re-exports, a config value or key, an error message it writes); any one of them, as a word, counts as a mention
 REACHED_AS: dict[str, list[str]] = {
-    "checkpoint_files.py": ["is truncated or corrupt"],
+    "loading/checkpoint_files.py": ["is truncated or corrupt"],
     "data/resumable_loader.py": ["ResumableDataLoader"],
     "data/text_tsv.py": ["TextTSVDataModule"],
     "data/tsv_file.py": ["quoted", "not UTF-8"],
-    "fisher_samples.py": ["num_samples"],
-    "lr_schedules.py": ["lr_scheduler"],
-    "methods/interface.py": ["PassOne"],
+    "lightning_adapter/fisher_samples.py": ["num_samples"],
+    "lightning_adapter/lr_schedules.py": ["lr_scheduler"],
+    "engine/method.py": ["PassOne"],
+    "engine/method_options.py": ["MethodOptions"],
     "methods/lagnp.py": ["LayerwiseGNP"],
-    "mixin.py": ["SharpnessAwareMixin"],
+    "lightning_adapter/mixin.py": ["SharpnessAwareMixin"],
     "models/hf_pretrained.py": ["minilm_path"],
     "models/optimizer_config.py": ["scheduler_interval"],
     "models/small_cnn.py": ["digits_quickstart"],
     "models/vision.py": ["torchvision_resnet", "vit"],
-    "pass_context.py": ["sam_pass"],
-    "run_stats.py": ["best_metric"],
-    "warmup_schedule.py": ["scheduler=cosine"],
+    "lightning_adapter/pass_context.py": ["sam_pass"],
+    "app/run_stats.py": ["best_metric"],
+    "app/warmup_schedule.py": ["scheduler=cosine"],
 }
 
 #: modules that no test exercises yet, each with why (empty today: every module is covered above)
@@ -118,7 +124,13 @@ def mentions(source: str, name: str) -> bool:
 
 def test_the_modules_are_found() -> None:
     assert len(MODULES) >= 50, MODULES
-    assert {"callback.py", "perturbation.py", "methods/sam.py", "data/cifar.py", "models/vision.py"} <= set(MODULES)
+    assert {
+        "lightning_adapter/callback.py",
+        "engine/perturbation.py",
+        "methods/sam.py",
+        "data/cifar.py",
+        "models/vision.py",
+    } <= set(MODULES)
     assert not any(m.endswith("__init__.py") or m.startswith("conf/") for m in MODULES)
 
 
@@ -173,3 +185,98 @@ def test_each_name_a_module_is_reached_as_is_used_by_one_of_its_tests(module: st
 )
 def test_a_mention_is_a_whole_word(source: str, name: str, expected: bool) -> None:
     assert mentions(source, name) is expected
+
+
+# --- the layers: folders whose imports point one way -------------------------------------------------------------
+#: folder (or top-level module) -> the package folders its modules may import, its own included; a folder lower in
+#: this list never imports one above it. ``engine`` and ``methods`` import no Lightning either (below).
+LAYERS: dict[str, set[str]] = {
+    "engine": {"engine"},
+    "methods": {"engine", "methods"},
+    "loading": {"loading"},
+    "lightning_adapter": {"engine", "methods", "lightning_adapter"},
+    "optim.py": {"engine", "methods"},
+    "models": {"engine", "methods", "lightning_adapter", "loading", "models"},
+    "data": {"loading", "models", "data"},
+    "app": {"engine", "methods", "lightning_adapter", "loading", "models", "data", "app"},
+}
+#: modules outside the layers: the package's exports and the old import paths
+OUTSIDE_LAYERS = {"old_paths.py"}
+
+
+def layer_of(module: str) -> str:
+    return module.split("/")[0] if "/" in module else module
+
+
+def package_imports(module: str) -> set[str]:
+    """The ``lightning_slsam`` modules (dotted, below the package) that ``module`` imports, at any depth of its code."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lightning_slsam":
+            base = node.module.removeprefix("lightning_slsam").lstrip(".")
+            found |= {a.name for a in node.names} if not base else {base}
+        elif isinstance(node, ast.Import):
+            found |= {
+                a.name.removeprefix("lightning_slsam.") for a in node.names if a.name.startswith("lightning_slsam.")
+            }
+    return found
+
+
+def other_imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / module).read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_module_sits_in_a_layer() -> None:
+    top_level = {m for m in MODULES if "/" not in m} - OUTSIDE_LAYERS
+    assert top_level == {"optim.py"}, f"a module outside the layer folders: {sorted(top_level - {'optim.py'})}"
+    assert {layer_of(m) for m in MODULES} - OUTSIDE_LAYERS == set(LAYERS)
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m not in OUTSIDE_LAYERS])
+def test_imports_point_down_the_layers(module: str) -> None:
+    allowed = LAYERS[layer_of(module)]
+    for target in package_imports(module):
+        assert target.split(".")[0] in allowed, (
+            f"lightning_slsam/{module} imports lightning_slsam.{target}, from a layer {layer_of(module)} may not use"
+        )
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if layer_of(m) in {"engine", "methods"} or m == "optim.py"])
+def test_the_engine_methods_and_plain_adapter_import_no_lightning(module: str) -> None:
+    assert not {"lightning", "pytorch_lightning", "lightning_fabric"} & other_imports(module), module
+
+
+def test_the_layer_rule_catches_an_upward_import(tmp_path: Path) -> None:
+    """The rule reads real imports: an engine module that imported the callback would be caught."""
+    source = (PACKAGE / "engine/arms.py").read_text()
+    assert package_imports("engine/arms.py") == set()
+    fake = PACKAGE / "engine" / "_layer_probe.py"
+    fake.write_text(source + "\n\ndef _f():\n    from lightning_slsam.lightning_adapter import callback\n")
+    try:
+        assert package_imports("engine/_layer_probe.py") == {"lightning_adapter"}
+        with pytest.raises(AssertionError, match="from a layer engine may not use"):
+            test_imports_point_down_the_layers("engine/_layer_probe.py")
+    finally:
+        fake.unlink()
+
+
+def test_old_import_paths_give_the_same_module_with_a_warning() -> None:
+    import importlib
+    import sys
+
+    from lightning_slsam.old_paths import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(f"lightning_slsam.{old}", None)
+        with pytest.warns(DeprecationWarning, match=rf"^lightning_slsam\.{re.escape(old)} moved to lightning_slsam\."):
+            module = importlib.import_module(f"lightning_slsam.{old}")
+        assert module is importlib.import_module(f"lightning_slsam.{new}")
+        assert module.__spec__.name == f"lightning_slsam.{new}"

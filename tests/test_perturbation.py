@@ -1,4 +1,4 @@
-"""The ascent math of ``lightning_slsam/perturbation.py`` against plain per-tensor references written here.
+"""The ascent math of ``lightning_slsam/engine/perturbation.py`` against plain per-tensor references written here.
 
 ``tensor_norms`` and ``arm_norms`` against Python sums of squares (in double), ``sam_perturbation`` (SAM: ``rho g /
 (||g|| + 1e-12)``, 0 for a non-finite norm, in place or not) and ``adaptive_perturbation`` (ASAM: ``rho T^2 g /
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_slsam.perturbation import (
+from lightning_slsam.engine.perturbation import (
     NORM_EPS,
     adaptive_perturbation,
     apply,

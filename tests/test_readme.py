@@ -40,7 +40,7 @@ def test_main_job_is_slsam_train_on_the_offline_default() -> None:
     shrunk, in tests/test_cli.py::test_default_experiment_runs_end_to_end)."""
     main = _readme_commands()[0]
     assert main.endswith("&& .venv/bin/slsam-train")
-    assert 'slsam-train = "lightning_slsam.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'slsam-train = "lightning_slsam.app.cli:main"' in (ROOT / "pyproject.toml").read_text()
     config = (ROOT / "conf" / "config.yaml").read_text()
     assert "- experiment: digits_resnet20" in config
 
@@ -71,7 +71,7 @@ def test_the_commands_install_the_extras_they_use() -> None:
     test command installs every extra the library knows (the tests use them all)."""
     main, tests = _readme_commands()
     assert "scikit-learn" in _installed_packages(main)
-    from lightning_slsam.optional_dependencies import OPTIONAL_MODULES
+    from lightning_slsam.loading.optional_dependencies import OPTIONAL_MODULES
 
     hub_only = {"datasets", "timm"}  # need a network; the tests stand in for them
     assert {package for package, _ in OPTIONAL_MODULES.values()} - hub_only <= _installed_packages(tests)
@@ -137,13 +137,13 @@ def test_main_command_runs_on_a_clone_without_shared(tmp_path: Path) -> None:
     assert not (clone.parent / "shared").exists()
     env = {k: v for k, v in os.environ.items() if k not in ("SLSAM_RESNET20_WEIGHTS", "HYDRA_FULL_ERROR")}
     env["PYTHONPATH"] = str(clone)
-    # slsam-train is lightning_slsam.cli:main; run it as the clone's module and check it is the clone's package
+    # slsam-train is lightning_slsam.app.cli:main; run it as the clone's module and check it is the clone's package
     launcher = (
         "import runpy, sys\n"
         "import lightning_slsam\n"
         f"assert lightning_slsam.__file__.startswith({str(clone)!r}), lightning_slsam.__file__\n"
         "sys.argv = ['slsam-train', *sys.argv[1:]]\n"
-        "runpy.run_module('lightning_slsam.cli', run_name='__main__')\n"
+        "runpy.run_module('lightning_slsam.app.cli', run_name='__main__')\n"
     )
     shrink = ["trainer.max_epochs=1", "data.train_limit=64", "trainer.limit_val_batches=2"]
     result = subprocess.run(

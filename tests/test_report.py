@@ -1,4 +1,4 @@
-"""Tests of the sweep report (``lightning_slsam.report``) on a fabricated Hydra multirun directory.
+"""Tests of the sweep report (``lightning_slsam.app.report``) on a fabricated Hydra multirun directory.
 
 The expected numbers are recomputed here from the fabricated values with ``statistics.mean`` / ``statistics.stdev``
 and compared with :func:`summarize`'s rows and with the numbers parsed back from the markdown table.
@@ -20,8 +20,7 @@ import torch
 from matplotlib.colors import to_hex
 
 from lightning_slsam import build_arms
-from lightning_slsam.models import resnet20_cifar
-from lightning_slsam.report import (
+from lightning_slsam.app.report import (
     MAX_LABELLED_ARMS,
     METHOD_ORDER,
     _accuracy_figure,
@@ -35,6 +34,7 @@ from lightning_slsam.report import (
     summarize,
     write_report,
 )
+from lightning_slsam.models import resnet20_cifar
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
@@ -507,9 +507,9 @@ def test_main_bad_directory_exit_code(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_script_entry_point_exit_code(tmp_path: Path) -> None:
-    """``python lightning_slsam/report.py DIR`` (the ``__main__`` guard; the module imports only the standard
+    """``python lightning_slsam/app/report.py DIR`` (the ``__main__`` guard; the module imports only the standard
     library at the top, so this runs without importing torch or lightning)."""
-    script = Path(__file__).resolve().parents[1] / "lightning_slsam" / "report.py"
+    script = Path(__file__).resolve().parents[1] / "lightning_slsam" / "app" / "report.py"
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60
     )

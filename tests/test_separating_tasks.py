@@ -153,7 +153,7 @@ def test_merge_keeps_earlier_runs_and_replaces_reruns(tasks, tmp_path: Path) -> 
 def test_summary_reads_a_real_run(tasks, tmp_path: Path) -> None:
     from conftest import SHRINK, compose_config
 
-    from lightning_slsam.cli import train
+    from lightning_slsam.app.cli import train
 
     folder = tmp_path / "digits_noisy" / "base_lr0.001_s0"
     overrides = [o for o in SHRINK if o not in ("trainer.max_epochs=1", "logger=none")]

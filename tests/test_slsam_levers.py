@@ -19,7 +19,7 @@ from conftest import TinyNet, snapshot
 from torch import nn
 
 from lightning_slsam import SLSAM, Exp3Sampler, PinnedArmsSampler, SLSAMPlus, UniformSampler, build_arms
-from lightning_slsam.arm_groups import select_arms
+from lightning_slsam.engine.arm_groups import select_arms
 
 LR, WEIGHT_DECAY, RHO, STEPS = 1e-2, 0.1, 0.2, 6
 
@@ -270,7 +270,7 @@ def test_always_active_problems_are_refused_before_the_first_step(make_trainer, 
 def test_cli_refuses_a_bad_always_active_before_training(tmp_path, spec: str) -> None:
     from conftest import SHRINK, compose_config
 
-    from lightning_slsam.cli import ConfigError, train
+    from lightning_slsam.app.cli import ConfigError, train
 
     cfg = compose_config(
         ["method=slsam_plus", "model=resnet20_cifar", "model.weights=null", f"method.always_active={spec}", *SHRINK],

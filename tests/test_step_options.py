@@ -1,4 +1,4 @@
-"""The shared step's options of ``lightning_slsam/step_options.py``: ``StepOptions`` (defaults, normalisation and
+"""The shared step's options of ``lightning_slsam/engine/step_options.py``: ``StepOptions`` (defaults, normalisation and
 refusals), ``split_arguments`` (each keyword goes to the first definition that has it; an unknown or renamed one is a
 TypeError that says what to pass instead) and ``keyword_parameters`` (the fields as keyword-only parameters).
 
@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from lightning_slsam.arms import ARM_MODES
+from lightning_slsam.engine.arms import ARM_MODES
+from lightning_slsam.engine.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS
+from lightning_slsam.engine.step_options import BN_RUNNING_STATS, StepOptions, keyword_parameters, split_arguments
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
-from lightning_slsam.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS
-from lightning_slsam.step_options import BN_RUNNING_STATS, StepOptions, keyword_parameters, split_arguments
 
 
 # --- StepOptions -------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The sweep summary (``lightning_slsam.sweep_summary``) of a fabricated sweep in slsam-train's formats.
+"""The sweep summary (``lightning_slsam.app.sweep_summary``) of a fabricated sweep in slsam-train's formats.
 
 The sweep has what ``slsam-train -m`` leaves: per run ``result.json`` (with the whole config), ``.hydra/``,
 ``cli.log``, the CSV logger's ``logs/version_0/metrics.csv`` and, for SL-SAM, ``probabilities.pt``; a
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_slsam.report import (
+from lightning_slsam.app.report import (
     _history_figure,
     _probability_figure,
     load_records,
@@ -28,7 +28,7 @@ from lightning_slsam.report import (
     summarize,
     write_report,
 )
-from lightning_slsam.sweep_summary import (
+from lightning_slsam.app.sweep_summary import (
     HISTORY_POINTS,
     build_summary,
     downsample_history,
@@ -36,7 +36,7 @@ from lightning_slsam.sweep_summary import (
     validation_curve,
     write_summary,
 )
-from lightning_slsam.sweep_summary import main as summary_main
+from lightning_slsam.app.sweep_summary import main as summary_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # method label -> (method, seeds); the SL-SAM labels write probabilities.pt

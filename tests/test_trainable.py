@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_slsam.arms import build_arms
-from lightning_slsam.trainable import TrainableSet, check_parameters, held_parameters
+from lightning_slsam.engine.arms import build_arms
+from lightning_slsam.engine.trainable import TrainableSet, check_parameters, held_parameters
 
 
 def _model() -> nn.Module:

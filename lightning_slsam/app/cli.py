@@ -29,12 +29,12 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lightning_slsam.callback import SharpnessAware
-from lightning_slsam.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
-from lightning_slsam.config_schema import register_schemas
-from lightning_slsam.optional_dependencies import DISTRIBUTION, install_hint
-from lightning_slsam.rng_state import RNGState
-from lightning_slsam.run_stats import RunStats
+from lightning_slsam.app.config_schema import register_schemas
+from lightning_slsam.app.run_stats import RunStats
+from lightning_slsam.lightning_adapter.callback import SharpnessAware
+from lightning_slsam.lightning_adapter.rng_state import RNGState
+from lightning_slsam.loading.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
+from lightning_slsam.loading.optional_dependencies import DISTRIBUTION, install_hint
 
 log = logging.getLogger("lightning_slsam")
 # Lightning 2.6.6 (the newest release) builds torch's LeafSpec for every DataLoader it wraps, which torch (2.14
@@ -84,7 +84,7 @@ def _check_top_level(cfg: DictConfig) -> None:
     _check_run_safety(cfg)
 
 
-# --- issue 15: bad inputs caught before training (checkpoint files, label counts, endless runs) -----------
+# --- bad inputs caught before training (checkpoint files, label counts, endless runs) --------------------
 #: words of torch's optimizer errors ("Invalid learning rate: -1") and the config key each one is about
 _OPTIMIZER_KEYS = (
     ("learning rate", "lr"),
@@ -206,7 +206,7 @@ def train(cfg: DictConfig) -> float:
 
     stats = RunStats(metric=cfg.metric)
     callbacks: list[pl.Callback] = [method, stats]
-    # issue 15: exact resume (global RNG states in the checkpoint) and a record at every validation
+    # exact resume (global RNG states in the checkpoint) and a record at every validation
     callbacks.append(RNGState())
     callbacks.append(
         _RecordAtValidation(lambda t: _write_record(cfg, run_dir, t, method, stats, _best(stats), finished=False))
@@ -224,7 +224,7 @@ def train(cfg: DictConfig) -> float:
                 filename="best-epoch{epoch}",
             )
         )
-    if cfg.save_checkpoints and cfg.get("checkpoint_every_n_steps"):  # issue 15: last.ckpt every N steps too
+    if cfg.save_checkpoints and cfg.get("checkpoint_every_n_steps"):  # last.ckpt every N steps too
         callbacks.append(
             pl.callbacks.ModelCheckpoint(
                 dirpath=run_dir / "checkpoints",
@@ -318,7 +318,7 @@ def error_line(error: BaseException) -> str | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Console script ``slsam-train``.
 

@@ -1,7 +1,7 @@
 """Structured-config schemas (dataclasses in Hydra's ConfigStore), generated from each method's one definition.
 
 The schema ``method/schema_<name>`` of a method has ``_target_`` (its callback), the step's options
-(:class:`~lightning_slsam.step_options.StepOptions`), the callbacks' own (``accumulate``, ``history_every``) and
+(:class:`~lightning_slsam.engine.step_options.StepOptions`), the callbacks' own (``accumulate``, ``history_every``) and
 the method's arguments (its options class, :mod:`lightning_slsam.methods.registry`), with their types and
 defaults. Each ``conf/method/*.yaml`` starts from its schema (``defaults: [schema_<method>]``) and sets only what
 differs (``rho: ${rho}``), so a value of the wrong type (``method.rho=abc``) or an unknown key fails at
@@ -18,9 +18,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from lightning_slsam.callback import CALLBACKS, LightningOptions
+from lightning_slsam.engine.step_options import StepOptions
+from lightning_slsam.lightning_adapter.callback import CALLBACKS, LightningOptions
 from lightning_slsam.methods.registry import METHOD_OPTIONS
-from lightning_slsam.step_options import StepOptions
 
 
 def _omegaconf_type(annotation: Any) -> Any:

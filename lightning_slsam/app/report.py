@@ -2,7 +2,7 @@
 
 Every training run writes ``result.json`` (and ``probabilities.pt`` for methods that sample arms) in its own
 directory; see ``docs/results-record.md``. This module finds those records below a sweep directory, or reads them
-from a sweep summary (one JSON file per sweep, written by :mod:`lightning_slsam.sweep_summary`), groups them by
+from a sweep summary (one JSON file per sweep, written by :mod:`lightning_slsam.app.sweep_summary`), groups them by
 ``(experiment, method_label)`` over seeds and writes ``report.md`` with a markdown table, an accuracy-vs-step-time plot
 and one sampling-probability heatmap per sampling method and experiment.
 
@@ -41,7 +41,7 @@ RECORD_NAME = "result.json"
 PROBABILITIES_NAME = "probabilities.pt"
 REPORT_NAME = "report.md"
 ACCURACY_PLOT_NAME = "accuracy_vs_time.png"
-#: The ``format`` field of a sweep summary (:mod:`lightning_slsam.sweep_summary` writes it, this module reads it).
+#: The ``format`` field of a sweep summary (:mod:`lightning_slsam.app.sweep_summary` writes it, this module reads it).
 SUMMARY_FORMAT = "lightning-slsam sweep summary"
 #: The ``version`` of the summary layout this module reads.
 SUMMARY_VERSION = 1
@@ -356,8 +356,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _new_figure(width: float, height: float) -> Any:
-    # the message of lightning_slsam.optional_dependencies.import_optional; this module imports only the standard
-    # library at the top, so that ``python lightning_slsam/report.py`` runs without the package's imports
+    # the message of lightning_slsam.loading.optional_dependencies.import_optional; this module imports only the
+    # standard library at the top, so that ``python lightning_slsam/app/report.py`` runs without the package's imports
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -681,8 +681,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Pa
     """Write ``report.md``, ``accuracy_vs_time.png`` and the probability heatmaps of a sweep; return the report path.
 
     ``sweep_dir`` is a sweep directory (records at any depth) or a sweep summary file (``summary.json`` of
-    :mod:`lightning_slsam.sweep_summary`): the report is the same. ``report.md`` holds the title, the sweep path, the
-    :func:`markdown_table`, links to the plots and per-experiment notes (metric, base step time, which seeds each
+    :mod:`lightning_slsam.app.sweep_summary`): the report is the same. ``report.md`` holds the title, the sweep path,
+    the :func:`markdown_table`, links to the plots and per-experiment notes (metric, base step time, which seeds each
     method ran, missing or repeated seeds, devices).
     The heatmaps: for each experiment and each sampling method (a label with some ``probabilities.pt``, or a
     summary's history), the run of the first seed that has one, as
@@ -744,7 +744,7 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
 def main(argv: Sequence[str] | None = None) -> int:
     """``slsam-report SWEEP_DIR [--out DIR]``: write the report, print the table and the report path.
 
-    ``SWEEP_DIR`` may also be a sweep summary file (``summary.json``, :mod:`lightning_slsam.sweep_summary`).
+    ``SWEEP_DIR`` may also be a sweep summary file (``summary.json``, :mod:`lightning_slsam.app.sweep_summary`).
     Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, when the file
     given is not a sweep summary, or when matplotlib is not installed (``pip install 'lightning-slsam[report]'``).
     """

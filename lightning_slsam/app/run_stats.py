@@ -91,7 +91,7 @@ class RunStats(pl.Callback):
             peak = max(0.0, _peak_rss_mb() - self._rss_start)
         self.peak_memory_mb = max(self.peak_memory_mb, peak)
 
-    # --- checkpoints (issue 15): a resumed run's record covers the whole run ------------------------------
+    # --- checkpoints: a resumed run's record covers the whole run ------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "step_times": list(self.step_times),

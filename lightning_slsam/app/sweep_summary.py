@@ -2,7 +2,7 @@
 
 A sweep's run folders (``result.json``, ``.hydra/``, ``logs/.../metrics.csv``, ``probabilities.pt``, ``cli.log``) are
 large and machine-specific; the summary is small and is what ``experiments/results/<experiment>/`` keeps in git.
-``slsam-report`` (:func:`lightning_slsam.report.main`) reads a summary as it reads the run folders (same table, same
+``slsam-report`` (:func:`lightning_slsam.app.report.main`) reads a summary as it reads the run folders (same table, same
 plots), and ``experiments/results_from_summaries.py`` regenerates the docs' tables and figures from the summaries.
 
 Layout (``version`` 1)::
@@ -24,7 +24,7 @@ validation curve (every ``val/*`` column of the CSV logger, one point per epoch)
 k-th, from the first) with :data:`HISTORY_DECIMALS` decimals. The config leaves ``logger.save_dir`` (the run folder's
 absolute path) out.
 
-Command: ``python -m lightning_slsam.sweep_summary SWEEP_DIR [--out FILE]`` (default ``SWEEP_DIR/summary.json``).
+Command: ``python -m lightning_slsam.app.sweep_summary SWEEP_DIR [--out FILE]`` (default ``SWEEP_DIR/summary.json``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_slsam.report import PROBABILITIES_NAME, SUMMARY_FORMAT, SUMMARY_VERSION, load_records
+from lightning_slsam.app.report import PROBABILITIES_NAME, SUMMARY_FORMAT, SUMMARY_VERSION, load_records
 
 __all__ = [
     "CURVE_DECIMALS",
@@ -183,7 +183,7 @@ def build_summary(sweep_dir: str | Path, *, history_points: int = HISTORY_POINTS
     """The summary of every run below ``sweep_dir`` (the layout in this module's docstring).
 
     Raises:
-        FileNotFoundError: as :func:`lightning_slsam.report.load_records` (no sweep folder, no record).
+        FileNotFoundError: as :func:`lightning_slsam.app.report.load_records` (no sweep folder, no record).
     """
     root = Path(sweep_dir)
     if root.is_file():
@@ -248,12 +248,12 @@ def write_summary(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lightning_slsam.sweep_summary SWEEP_DIR [--out FILE] [--points N]``: write the summary.
+    """``python -m lightning_slsam.app.sweep_summary SWEEP_DIR [--out FILE] [--points N]``: write the summary.
 
     Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_slsam.sweep_summary",
+        prog="python -m lightning_slsam.app.sweep_summary",
         description="Keep what the report needs from every run of a sweep in one JSON file.",
     )
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (records at any depth)")

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_slsam.data.label_noise import add_label_noise, check_label_noise
 from lightning_slsam.data.resumable_loader import ResumableDataModule
-from lightning_slsam.optional_dependencies import import_optional
+from lightning_slsam.loading.optional_dependencies import import_optional
 
 
 class DigitsDataModule(ResumableDataModule):

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_slsam.data.label_noise import add_label_noise, check_label_noise
 from lightning_slsam.data.resumable_loader import ResumableDataModule
+from lightning_slsam.loading.optional_dependencies import import_optional
 from lightning_slsam.models.hf_pretrained import PretrainedSource, resolve_pretrained
-from lightning_slsam.optional_dependencies import import_optional
 
 #: the fields padded with 0 (every other tokenizer field is padded with the tokenizer's pad token id)
 ZERO_PADDED_FIELDS: tuple[str, ...] = ("attention_mask", "token_type_ids", "special_tokens_mask")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_slsam.arms import ArmLayout
+from lightning_slsam.engine.arms import ArmLayout
 
 ARM_GROUPS: tuple[str, ...] = ("head", "norms", "biases", "vectors", "embeddings")
 

@@ -11,7 +11,7 @@ Three modes (docs/design.md#arms):
 
 By default, parameters frozen when the layout is built (``requires_grad=False``) are not arms. The step's
 adapters build the layout with ``include_frozen=True``: every parameter of the model is in an arm, and which
-of them the step may train is read again at every step (:mod:`lightning_slsam.trainable`), so that a layer frozen
+of them the step may train is read again at every step (:mod:`lightning_slsam.engine.trainable`), so that a layer frozen
 or unfrozen during training, or a parameter group added to the optimizer, is followed. A parameter shared
 by several modules (tied weights) belongs to the first arm that reaches it.
 """

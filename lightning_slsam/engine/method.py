@@ -1,6 +1,6 @@
 """The small interface every method implements on the shared two-pass step (docs/design.md#step, #methods).
 
-The step itself lives in :mod:`lightning_slsam.step_engine` (run by the mixin and by :mod:`lightning_slsam.optim`).
+The step itself lives in :mod:`lightning_slsam.engine.step` (run by the mixin and by :mod:`lightning_slsam.optim`).
 Per step, a method decides:
 
 0. ``start_epoch(start)``: once per epoch, with an :class:`EpochStart` (SSAM's mask refresh, ARSAM's warm-up);
@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.perturbation import sam_perturbation
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.perturbation import sam_perturbation
 
 
 @dataclass
@@ -160,7 +160,7 @@ class Method:
     def after_step(self, first: PassOne) -> None:
         """Learn from the finished step (called after the optimizer step, only when the step was taken)."""
 
-    # --- skipped steps (issue 15) ----------------------------------------------------------------------
+    # --- skipped steps ---------------------------------------------------------------------------------
     def begin_step(self) -> None:
         """Called before ``pass1_arms``: remember the state this step may change, for ``discard_step``.
 

@@ -4,10 +4,10 @@ Every method file defines a frozen dataclass on :class:`MethodOptions` (``SAMOpt
 ...). It is the only place a method's arguments are written down; the rest is derived from it:
 
 - the Lightning callback of the same name (``lightning_slsam.SAM``) takes exactly these fields plus the step's
-  common options (:class:`lightning_slsam.step_options.StepOptions`) as keyword arguments;
+  common options (:class:`lightning_slsam.engine.step_options.StepOptions`) as keyword arguments;
 - the plain-PyTorch optimizer ``lightning_slsam.optim.SAM`` takes the same;
 - the Hydra structured schema ``method/schema_<name>`` is generated from the fields
-  (:mod:`lightning_slsam.config_schema`), so ``conf/method/<name>.yaml`` holds only what differs from the
+  (:mod:`lightning_slsam.app.config_schema`), so ``conf/method/<name>.yaml`` holds only what differs from the
   defaults (``rho: ${rho}``);
 - :mod:`lightning_slsam.methods.registry` maps each ``name`` to its options.
 
@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.methods.interface import Method
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.method import Method
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import attention_inputs
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.distributed import all_reduce_mean
-from lightning_slsam.methods.interface import Method
-from lightning_slsam.perturbation import PerturbationGuard
-from lightning_slsam.prefix_reuse import PrefixReuse
-from lightning_slsam.step_engine import StepResult, batch_norms, frozen_running_stats, run_step
-from lightning_slsam.step_options import StepOptions
-from lightning_slsam.trainable import TrainableSet, check_parameters
+from lightning_slsam.engine import attention_inputs
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.distributed import all_reduce_mean
+from lightning_slsam.engine.method import Method
+from lightning_slsam.engine.perturbation import PerturbationGuard
+from lightning_slsam.engine.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.step import StepResult, batch_norms, frozen_running_stats, run_step
+from lightning_slsam.engine.step_options import StepOptions
+from lightning_slsam.engine.trainable import TrainableSet, check_parameters
 
 
 class Run:
@@ -84,7 +84,7 @@ class Run:
         all_reduce: Callable[[Sequence[Tensor]], None] = all_reduce_mean,
         check_arms: Callable[[Tensor], None] | None = None,
     ) -> StepResult:
-        """One whole step (:func:`lightning_slsam.step_engine.run_step`) with this run's state."""
+        """One whole step (:func:`lightning_slsam.engine.step.run_step`) with this run's state."""
         return run_step(
             self.layout,
             self.method,

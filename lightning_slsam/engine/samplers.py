@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_slsam.argument_checks import check_choice, check_fraction, check_number
+from lightning_slsam.engine.argument_checks import check_choice, check_fraction, check_number
 
 NormScale = Literal["raw", "running_mean"]
 #: the bandit's probability floor (``Exp3Sampler(min_prob=...)``'s default)

@@ -16,8 +16,8 @@
    ``optimizer.zero_grad(set_to_none=True)`` and ``after_optimizer_step()`` (the adapters' LR schedulers);
 7. ``method.after_step(first)``, or ``method.discard_step()`` after a skipped step.
 
-The adapters supply what differs: :mod:`lightning_slsam.mixin` (Lightning's ``manual_backward``, the optimizer
-step through ``LightningOptimizer`` and its precision plugin, the callback's logging) and
+The adapters supply what differs: :mod:`lightning_slsam.lightning_adapter.mixin` (Lightning's ``manual_backward``,
+the optimizer step through ``LightningOptimizer`` and its precision plugin, the callback's logging) and
 :mod:`lightning_slsam.optim` (a closure, ``loss.backward`` or ``fabric.backward``, a GradScaler). This module
 imports nothing from Lightning.
 """
@@ -33,14 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam import perturbation
-from lightning_slsam.arms import ArmLayout
-from lightning_slsam.distributed import all_reduce_mean
-from lightning_slsam.methods.interface import Method, PassOne
-from lightning_slsam.perturbation import PerturbationGuard
-from lightning_slsam.prefix_reuse import PrefixReuse
-from lightning_slsam.skipped_steps import all_finite
-from lightning_slsam.trainable import TrainableSet
+from lightning_slsam.engine import perturbation
+from lightning_slsam.engine.arms import ArmLayout
+from lightning_slsam.engine.distributed import all_reduce_mean
+from lightning_slsam.engine.method import Method, PassOne
+from lightning_slsam.engine.perturbation import PerturbationGuard
+from lightning_slsam.engine.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.skipped_steps import all_finite
+from lightning_slsam.engine.trainable import TrainableSet
 
 #: ``sam_pass`` numbers handed to ``forward_backward`` (the same as ``pass_context.AT_W`` / ``PERTURBED``)
 AT_W = 1

@@ -2,8 +2,8 @@
 
 One definition, read by the Lightning callbacks (which add ``accumulate`` and ``history_every``), by the
 plain-PyTorch optimizers of :mod:`lightning_slsam.optim` and by the generated Hydra schemas
-(:mod:`lightning_slsam.config_schema`). A method's own arguments live in its options class
-(:mod:`lightning_slsam.methods.options`).
+(:mod:`lightning_slsam.app.config_schema`). A method's own arguments live in its options class
+(:mod:`lightning_slsam.engine.method_options`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import dataclasses
 import inspect
 from typing import Any
 
-from lightning_slsam.argument_checks import check_bool, check_choice, check_number
-from lightning_slsam.arms import ARM_MODES
-from lightning_slsam.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS, check_max_skipped_steps
+from lightning_slsam.engine.argument_checks import check_bool, check_choice, check_number
+from lightning_slsam.engine.arms import ARM_MODES
+from lightning_slsam.engine.skipped_steps import DEFAULT_MAX_SKIPPED_STEPS, check_max_skipped_steps
 
 #: ``bn_running_stats`` values
 BN_RUNNING_STATS: tuple[str, ...] = ("pass1", "both")
@@ -39,7 +39,7 @@ class StepOptions:
             parameters without owning them).
         max_skipped_steps: a step whose gradients are not finite (NaN or inf, in any pass) is skipped with a
             warning, weights, optimizer and method state unchanged; this many skipped steps in a row stop
-            training with :class:`~lightning_slsam.skipped_steps.NonFiniteTrainingError` (int >= 1, default 50;
+            training with :class:`~lightning_slsam.engine.skipped_steps.NonFiniteTrainingError` (int >= 1, default 50;
             None never stops).
     """
 

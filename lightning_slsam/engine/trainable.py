@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.arms import ArmLayout
+from lightning_slsam.engine.arms import ArmLayout
 
 
 class TrainableSet:

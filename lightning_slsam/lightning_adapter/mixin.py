@@ -3,7 +3,8 @@
 The user keeps a ``training_step`` that returns the loss, or writes ``compute_loss(batch)``, and
 ``configure_optimizers`` (the plain base optimizer); the mixin owns the step Lightning calls
 (``module_conversion.py`` says how, in any base order). With a
-:class:`~lightning_slsam.callback.SharpnessAware` callback on the Trainer it runs that callback's method;
+:class:`~lightning_slsam.lightning_adapter.callback.SharpnessAware` callback on the Trainer it runs that callback's
+method;
 without one it trains as the base optimizer, one pass per step.
 """
 
@@ -18,11 +19,12 @@ import torch
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch import Tensor
 
-from lightning_slsam import module_conversion, pass_context, step_engine
-from lightning_slsam.callback import Base, SharpnessAware, find_sharpness_callback
-from lightning_slsam.distributed import all_reduce_mean
-from lightning_slsam.lr_schedules import split_monitors, step_schedulers
-from lightning_slsam.skipped_steps import SkippedSteps, all_finite
+from lightning_slsam.engine import step as step_engine
+from lightning_slsam.engine.distributed import all_reduce_mean
+from lightning_slsam.engine.skipped_steps import SkippedSteps, all_finite
+from lightning_slsam.lightning_adapter import module_conversion, pass_context
+from lightning_slsam.lightning_adapter.callback import Base, SharpnessAware, find_sharpness_callback
+from lightning_slsam.lightning_adapter.lr_schedules import split_monitors, step_schedulers
 
 
 class SharpnessAwareMixin:
@@ -105,7 +107,7 @@ class SharpnessAwareMixin:
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """One micro-batch; every ``accumulate``-th call runs the method's step (docs/design.md#step).
 
-        The step itself is :func:`lightning_slsam.step_engine.run_step`; this adapter hands it Lightning's
+        The step itself is :func:`lightning_slsam.engine.step.run_step`; this adapter hands it Lightning's
         ``manual_backward`` (through the module's loss), the optimizer step through ``LightningOptimizer`` (its
         precision plugin, GradScaler and ``on_before_optimizer_step`` clipping), the LR schedulers, and logs
         what happened through the callback.

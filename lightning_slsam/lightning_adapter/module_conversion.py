@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
-from lightning_slsam import pass_context
+from lightning_slsam.lightning_adapter import pass_context
 
 _ORIGINAL = "_sam_original"  # on every step entry: the user's training_step it stands for (None: none)
 _MANUAL_NAME = "manual_backward"  # a training_step that optimizes by itself calls it

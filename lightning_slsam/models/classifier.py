@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_slsam.mixin import SharpnessAwareMixin
+from lightning_slsam.lightning_adapter.mixin import SharpnessAwareMixin
 from lightning_slsam.models.optimizer_config import (
     OptimizerFactory,
     SchedulerFactory,

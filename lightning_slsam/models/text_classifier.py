@@ -11,7 +11,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy
 
-from lightning_slsam.mixin import SharpnessAwareMixin
+from lightning_slsam.lightning_adapter.mixin import SharpnessAwareMixin
+from lightning_slsam.loading.optional_dependencies import import_optional
 from lightning_slsam.models.hf_pretrained import minilm_path, resolve_pretrained
 from lightning_slsam.models.optimizer_config import (
     OptimizerFactory,
@@ -19,7 +20,6 @@ from lightning_slsam.models.optimizer_config import (
     check_factories,
     configure_optimizer_and_scheduler,
 )
-from lightning_slsam.optional_dependencies import import_optional
 
 #: validation metrics by name (GLUE's: accuracy, Matthews correlation for CoLA, F1 of class 1 for MRPC/QQP)
 TEXT_METRICS: tuple[str, ...] = ("acc", "mcc", "f1")
