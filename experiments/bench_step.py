@@ -196,22 +196,8 @@ PRESETS: dict[str, Preset] = {
 # --- methods ----------------------------------------------------------------------------------------------------
 #: named variants of a method that have their own config file (``conf/method/slsam_uniform.yaml``)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"slsam_uniform": ("slsam", {"sampler": "uniform"})}
-ALL_METHODS = (
-    "base",
-    "sam",
-    "asam",
-    "ssam_f",
-    "ssam_d",
-    "lagnp",
-    "arsam",
-    "looksam",
-    "rst",
-    "slsam",
-    "slsam:sparsity=0.5",
-    "slsam:arms=block",
-    "slsam_uniform",
-    "slsam_plus",
-)
+#: ``all``: every registered method, and SL-SAM at sparsity 0.5, with block arms and with the uniform sampler
+ALL_METHODS = (*CALLBACKS, "slsam:sparsity=0.5", "slsam:arms=block", "slsam_uniform")
 _ARGUMENT_SPLIT = re.compile(r",(?![^\[]*\])")  # commas outside [...]
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import SHRINK, TinyNet, compose_config
+from conftest import IN_FEATURES, NUM_CLASSES, SHRINK, TinyNet, compose_config
 from omegaconf import OmegaConf
 
 import lightning_slsam
@@ -199,3 +200,83 @@ def test_a_methods_defaults_live_only_in_its_options(name: str) -> None:
     for parameter in inspect.signature(type(method)).parameters.values():
         if parameter.name in fields:
             assert parameter.default is inspect.Parameter.empty, f"{type(method).__name__}({parameter.name}=...)"
+
+
+# --- a method of one's own: its file plus the registry line --------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HalfSAMOptions(lightning_slsam.engine.method_options.MethodOptions):
+    """A toy method, as its own file would define it: SAM whose ascent is half as long.
+
+    Args:
+        rho: the radius before halving (>= 0; default 0.1).
+    """
+
+    name = "half_sam"
+
+    rho: float = 0.1
+
+    def __post_init__(self) -> None:
+        self._set("rho", lightning_slsam.engine.argument_checks.check_rho(self.rho))
+
+    def build(self, module: torch.nn.Module, layout: Any) -> lightning_slsam.Method:
+        return lightning_slsam.SAMMethod(self.rho / 2, adaptive=False, eta=0.0)
+
+
+@pytest.fixture
+def half_sam(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[HalfSAMOptions]]:
+    """HalfSAMOptions in the registry for one test (the one line a new method adds to methods/registry.py)."""
+    from lightning_slsam.methods import registry
+
+    monkeypatch.setitem(registry.METHOD_OPTIONS, "half_sam", HalfSAMOptions)
+    yield HalfSAMOptions
+    from hydra.core.config_store import ConfigStore
+
+    for node in ("half_sam.yaml", "schema_half_sam.yaml"):  # the schemas register_schemas() stored for it
+        ConfigStore.instance().repo.get("method", {}).pop(node, None)
+
+
+def test_a_registered_method_gets_its_callback_optimizer_and_config(half_sam: type[HalfSAMOptions]) -> None:
+    from lightning_slsam.app.config_schema import register_schemas
+    from lightning_slsam.lightning_adapter.callback import callback_class
+
+    callback = CALLBACKS["half_sam"]
+    assert callback is callback_class("half_sam") and callback.__name__ == "HalfSAM"
+    assert list(inspect.signature(callback).parameters) == ["rho", *LIGHTNING, *STEP]
+    with pytest.raises(ValueError, match=r"^rho: "):
+        callback(rho=-1.0)
+    plain = optim.optimizer_class("half_sam")
+    assert plain.options_class is half_sam and "rho" in inspect.signature(plain).parameters
+
+    # the plain optimizer takes SAM's step at half the radius
+    model, reference = TinyNet(), TinyNet()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, IN_FEATURES), torch.randint(0, NUM_CLASSES, (8,))
+    loss_of = lambda m: torch.nn.functional.cross_entropy(m.model(x), y)  # noqa: E731
+    opt = plain(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.2)
+    ref = optim.SAM(reference, torch.optim.SGD(reference.parameters(), lr=0.1), rho=0.1)
+    opt.step(lambda: loss_of(model))
+    ref.step(lambda: loss_of(reference))
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+    # method=half_sam composes from the derived schema and instantiates the derived callback
+    register_schemas()
+    cfg = compose_config(["method=half_sam", "method.rho=0.3", *SHRINK])
+    built = instantiate_group("method", cfg.method)
+    assert type(built) is callback and built.options.rho == 0.3
+
+
+def test_registering_refuses_a_taken_or_missing_name(half_sam: type[HalfSAMOptions]) -> None:
+    from lightning_slsam.methods.registry import register
+
+    @dataclasses.dataclass(frozen=True)
+    class Nameless(lightning_slsam.engine.method_options.MethodOptions):
+        pass
+
+    with pytest.raises(ValueError, match=r"^Nameless\.name: a method needs a name"):
+        register(Nameless)
+    assert register(half_sam) is half_sam  # registering the same class again changes nothing
+    with pytest.raises(ValueError, match=r"^OtherOptions\.name: 'half_sam' is already HalfSAMOptions's"):
+        register(type("OtherOptions", (half_sam,), {}))
+    with pytest.raises(ValueError, match=r"^method: unknown method 'nope'; registered: base, "):
+        optim.optimizer_class("nope")

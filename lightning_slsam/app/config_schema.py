@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+import lightning_slsam
 from lightning_slsam.engine.step_options import StepOptions
 from lightning_slsam.lightning_adapter.callback import CALLBACKS, LightningOptions
 from lightning_slsam.methods.registry import METHOD_OPTIONS
@@ -51,17 +53,28 @@ def schema_for(name: str) -> type[Any]:
     step = _fields(StepOptions)
     if options.default_arms != "tensor":
         step = [(n, t, dataclasses.field(default=options.default_arms) if n == "arms" else d) for n, t, d in step]
-    target = ("_target_", str, dataclasses.field(default=f"lightning_slsam.{callback.__name__}"))
+    # the named callbacks by their public path; a derived one by its module's path (found by its __getattr__)
+    public = getattr(lightning_slsam, callback.__name__, None) is callback
+    path = f"lightning_slsam.{callback.__name__}" if public else f"{callback.__module__}.{callback.__name__}"
+    target = ("_target_", str, dataclasses.field(default=path))
     fields = [target, *_fields(LightningOptions), *step, *_fields(options)]
     return dataclasses.make_dataclass(f"{callback.__name__}Schema", fields)
 
 
-#: the schema of every method, by name (``method/schema_<name>``)
+#: the schema of every method registered when this module was imported, by name (``method/schema_<name>``)
 METHOD_SCHEMAS: dict[str, type[Any]] = {name: schema_for(name) for name in METHOD_OPTIONS}
+
+#: the config group of the methods shipped as ``conf/method/<name>.yaml``
+METHOD_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "method"
 
 
 def register_schemas() -> None:
-    """Store every schema as ``method/schema_<name>`` (idempotent)."""
+    """Store every registered method's schema as ``method/schema_<name>``, and as ``method/<name>`` itself when
+    no ``conf/method/<name>.yaml`` exists, so that ``method=<name>`` works for a method added with
+    :func:`~lightning_slsam.methods.registry.register` (idempotent)."""
     store = ConfigStore.instance()
-    for name, schema in METHOD_SCHEMAS.items():
+    for name in METHOD_OPTIONS:
+        schema = METHOD_SCHEMAS.get(name) or schema_for(name)
         store.store(group="method", name=f"schema_{name}", node=schema)
+        if not (METHOD_CONFIGS / f"{name}.yaml").exists():
+            store.store(group="method", name=name, node=schema)

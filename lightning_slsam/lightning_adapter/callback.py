@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
+from lightning_slsam.methods.registry import METHOD_OPTIONS, class_name
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
@@ -494,8 +495,68 @@ class SLSAMPlus(SharpnessAware):
     options_class = SLSAMPlusOptions
 
 
-#: each method's callback class by the method's name
-CALLBACKS: dict[str, type[SharpnessAware]] = {
-    cls.options_class.name: cls
-    for cls in (Base, SAM, ASAM, SSAMF, SSAMD, LayerwiseGNP, ARSAM, LookSAM, RST, SLSAM, SLSAMPlus)
-}
+#: the callbacks users import by name; every other registered method gets one derived by :func:`callback_class`
+NAMED_CALLBACKS: tuple[type[SharpnessAware], ...] = (
+    Base,
+    SAM,
+    ASAM,
+    SSAMF,
+    SSAMD,
+    LayerwiseGNP,
+    ARSAM,
+    LookSAM,
+    RST,
+    SLSAM,
+    SLSAMPlus,
+)
+_DERIVED: dict[type[MethodOptions], type[SharpnessAware]] = {}
+
+
+def callback_class(name: str) -> type[SharpnessAware]:
+    """The callback of the registered method ``name``: its named class, or one derived from its options class
+    (``class <Name>(SharpnessAware): options_class = <Name>Options``), the same class at every call.
+
+    Raises:
+        ValueError: no method of that name is registered (the message lists them).
+    """
+    options = METHOD_OPTIONS.get(name)
+    if options is None:
+        raise ValueError(f"method: unknown method {name!r}; registered: {', '.join(METHOD_OPTIONS)}")
+    for cls in NAMED_CALLBACKS:
+        if cls.options_class is options:
+            return cls
+    if options not in _DERIVED:
+        _DERIVED[options] = type(
+            class_name(options),
+            (SharpnessAware,),
+            {"options_class": options, "__module__": __name__, "__doc__": options.__doc__},
+        )
+    return _DERIVED[options]
+
+
+class _CallbacksByName(Mapping[str, type[SharpnessAware]]):
+    """Every registered method's callback class by the method's name, read from the registry at each use."""
+
+    def __getitem__(self, name: str) -> type[SharpnessAware]:
+        if name not in METHOD_OPTIONS:
+            raise KeyError(name)
+        return callback_class(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(METHOD_OPTIONS))
+
+    def __len__(self) -> int:
+        return len(METHOD_OPTIONS)
+
+
+#: each registered method's callback class by the method's name
+CALLBACKS: Mapping[str, type[SharpnessAware]] = _CallbacksByName()
+
+
+def __getattr__(name: str) -> type[SharpnessAware]:
+    """A derived callback by its class name (``lightning_slsam.lightning_adapter.callback.<Name>``), as Hydra's
+    ``_target_`` locates it."""
+    for method, options in METHOD_OPTIONS.items():
+        if class_name(options) == name:
+            return callback_class(method)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,10 @@
-"""Every method by its one name: ``conf/method/<name>.yaml``, the benchmark's and the reports' label."""
+"""Every method by its one name: ``conf/method/<name>.yaml``, the benchmark's and the reports' label.
+
+Adding a method is its own file under ``methods/`` and one line in :data:`METHOD_OPTIONS`' tuple below; its
+callback (``lightning_adapter.callback.callback_class``), plain-PyTorch optimizer (``optim.optimizer_class``) and
+Hydra schema (``method/schema_<name>``, and ``method=<name>`` itself when ``conf/method/<name>.yaml`` does not
+exist) are derived from its options class. :func:`register` does the same at run time for a method of one's own.
+"""
 
 from __future__ import annotations
 
@@ -29,3 +35,25 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
         SLSAMPlusOptions,
     )
 }
+
+
+def register(options: type[MethodOptions]) -> type[MethodOptions]:
+    """Add a method of one's own under ``options.name`` (its callback, optimizer and schema follow); returns it.
+
+    Raises:
+        ValueError: the options class has no name, or the name is taken by another method.
+    """
+    if not (isinstance(options, type) and issubclass(options, MethodOptions)):
+        raise ValueError(f"options: must be a MethodOptions subclass, got {options!r}")
+    if not options.name:
+        raise ValueError(f"{options.__name__}.name: a method needs a name (the config's method=<name>)")
+    known = METHOD_OPTIONS.get(options.name)
+    if known is not None and known is not options:
+        raise ValueError(f"{options.__name__}.name: {options.name!r} is already {known.__name__}'s")
+    METHOD_OPTIONS[options.name] = options
+    return options
+
+
+def class_name(options: type[MethodOptions]) -> str:
+    """The name of the callback and optimizer classes derived for ``options``: ``SLSAMPlusOptions`` -> ``SLSAMPlus``."""
+    return options.__name__.removesuffix("Options") or options.__name__
