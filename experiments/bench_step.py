@@ -353,7 +353,7 @@ class StepRecorder(pl.Callback):
 
     def _counts(self) -> tuple[float, float, float]:
         m = self.method
-        return (m.active_ratio_sum, m.active_ratio2_sum, float(m.passes_sum))
+        return (m.record.active_ratio_sum, m.record.active_ratio2_sum, float(m.record.passes_sum))
 
     def _sync(self, trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
