@@ -20,7 +20,6 @@ SSAM-F's Fisher score needs training samples, which a closure does not give: :cl
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -36,7 +35,7 @@ from lightning_slsam.engine.prefix_reuse import PrefixReuse
 from lightning_slsam.engine.run import Run
 from lightning_slsam.engine.skipped_steps import SkippedSteps
 from lightning_slsam.engine.step import StepResult
-from lightning_slsam.engine.step_options import StepOptions, keyword_parameters, split_arguments
+from lightning_slsam.engine.step_options import StepOptions, install_typed_init, split_arguments
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.fisher_score import compute_loss_of, first_samples
@@ -96,13 +95,17 @@ class SharpnessAwareOptimizer:
 
     #: the method's one definition (arguments, defaults, checks, builder); set by each subclass
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
+    #: the ``__init__`` that takes the arguments as ``**`` (a typed one is generated per subclass), whether this
+    #: class's ``__init__`` is generated, and the module whose ``__init__`` definitions are the package's
+    _explicit_init: ClassVar[Any]
+    _typed: ClassVar[bool] = True
+    _typed_module: ClassVar[str] = __name__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = list(inspect.signature(cls.__init__).parameters.values())[1:-1]
-        cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            own + keyword_parameters(cls.options_class, StepOptions)
-        )
+        # a real, typed __init__ (IDEs, inspect, jsonargparse): the explicit arguments (model, base_optimizer,
+        # ...), then the method's and the step's, each with its default
+        install_typed_init(cls, (cls.options_class, StepOptions))
 
     def __init__(
         self,
@@ -293,6 +296,9 @@ class SharpnessAwareOptimizer:
             self.scaler.update()
         else:
             self.base_optimizer.step()
+
+
+SharpnessAwareOptimizer._explicit_init = SharpnessAwareOptimizer.__init__
 
 
 def _wrappers(model: nn.Module) -> list[nn.Module]:

@@ -6,21 +6,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import IN_FEATURES, NUM_CLASSES, SHRINK, TinyNet, compose_config
+from conftest import IN_FEATURES, NUM_CLASSES, SHRINK, TinyNet, compose_config, make_dataset
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 import lightning_slsam
 from lightning_slsam import optim
 from lightning_slsam.app.cli import instantiate_group
 from lightning_slsam.app.config_schema import METHOD_SCHEMAS
 from lightning_slsam.engine.method_options import MethodOptions
-from lightning_slsam.engine.step_options import StepOptions
+from lightning_slsam.engine.step_options import EXTRA, StepOptions
 from lightning_slsam.lightning_adapter.callback import CALLBACKS, LightningOptions, SharpnessAware
 from lightning_slsam.methods.registry import METHOD_OPTIONS
 
@@ -69,11 +71,11 @@ def test_the_callback_and_the_optimizer_take_exactly_the_definitions_arguments(n
     own = list(options.field_names())
     callback = CALLBACKS[name]
     assert callback.options_class is options
-    assert list(inspect.signature(callback).parameters) == [*own, *LIGHTNING, *STEP]
+    assert list(inspect.signature(callback).parameters) == [*own, *LIGHTNING, *STEP, EXTRA]
     plain = getattr(optim, callback.__name__)
     assert plain.options_class is options
     leading = ["model", "base_optimizer", *PLAIN_DATA.get(name, []), "backward", "scaler"]
-    assert list(inspect.signature(plain).parameters) == [*leading, *own, *STEP]
+    assert list(inspect.signature(plain).parameters) == [*leading, *own, *STEP, EXTRA]
     assert getattr(lightning_slsam, callback.__name__) is callback
 
 
@@ -241,7 +243,7 @@ def test_a_registered_method_gets_its_callback_optimizer_and_config(half_sam: ty
 
     callback = CALLBACKS["half_sam"]
     assert callback is callback_class("half_sam") and callback.__name__ == "HalfSAM"
-    assert list(inspect.signature(callback).parameters) == ["rho", *LIGHTNING, *STEP]
+    assert list(inspect.signature(callback).parameters) == ["rho", *LIGHTNING, *STEP, EXTRA]
     with pytest.raises(ValueError, match=r"^rho: "):
         callback(rho=-1.0)
     plain = optim.optimizer_class("half_sam")
@@ -280,3 +282,63 @@ def test_registering_refuses_a_taken_or_missing_name(half_sam: type[HalfSAMOptio
         register(type("OtherOptions", (half_sam,), {}))
     with pytest.raises(ValueError, match=r"^method: unknown method 'nope'; registered: base, "):
         optim.optimizer_class("nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_signatures_are_real_and_typed(name: str) -> None:
+    """``__init__`` itself names every argument with its type and default (what IDEs and jsonargparse read), and
+    keyword arguments given by name reach the options as they would through ``**``."""
+    options = METHOD_OPTIONS[name]
+    hints = typing.get_type_hints(options)
+    for cls in (CALLBACKS[name], getattr(optim, CALLBACKS[name].__name__)):
+        parameters = inspect.signature(cls.__init__).parameters
+        for field in dataclasses.fields(options):
+            parameter = parameters[field.name]
+            assert parameter.annotation == hints[field.name], (cls, field.name)
+            assert parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            if field.default is not dataclasses.MISSING:
+                assert parameter.default == field.default, (cls, field.name)
+    assert CALLBACKS[name](arms="module").options == options()
+
+
+def test_a_subclass_with_its_own_init_keeps_it() -> None:
+    class Tagged(lightning_slsam.SLSAM):
+        def __init__(self, tag: str, **arguments: Any) -> None:
+            super().__init__(**arguments)
+            self.tag = tag
+
+    class Fixed(lightning_slsam.SAM):
+        def __init__(self) -> None:
+            super().__init__(rho=0.2)
+
+    class TaggedAgain(Tagged):
+        pass
+
+    tagged = TaggedAgain("x", sparsity=0.5)
+    assert tagged.tag == "x" and tagged.options.sparsity == 0.5
+    assert list(inspect.signature(TaggedAgain).parameters) == ["tag", "arguments"]  # the user's, untouched
+    assert Fixed().options.rho == 0.2 and list(inspect.signature(Fixed).parameters) == []
+
+    class FixedSLSAM(lightning_slsam.SLSAM):  # no __init__ of its own: the typed one, for its options
+        pass
+
+    assert list(inspect.signature(FixedSLSAM).parameters)[:2] == ["rho", "sparsity"]
+
+
+def test_lightning_cli_passes_init_args_to_a_callback(tmp_path: Path) -> None:
+    """LightningCLI (jsonargparse) reads the callback's typed signature: ``init_args`` reach the method's options."""
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 2\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n  accelerator: cpu\n  callbacks:\n    - class_path: lightning_slsam.SLSAM\n"
+        "      init_args:\n        rho: 0.07\n        sparsity: 0.5\n        arms: module\n        seed: 3\n"
+    )
+    cli = LightningCLI(TinyNet, run=False, save_config_callback=None, args=["--config", str(config)])
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, lightning_slsam.SLSAM))
+    assert callback.options == lightning_slsam.SLSAM(rho=0.07, sparsity=0.5, seed=3).options
+    assert callback.arms == "module"
+    cli.trainer.fit(cli.model, DataLoader(make_dataset(), batch_size=16))
+    assert callback.steps == 2

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import re
+import typing
 from typing import Any, ClassVar
 
 import pytest
@@ -223,7 +224,8 @@ def test_keyword_parameters_are_the_fields_keyword_only_with_their_defaults(defi
     expected = [(f.name, getattr(d(), f.name)) for d in definitions for f in dataclasses.fields(d)]
     assert [(p.name, p.default) for p in parameters] == expected
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
-    assert all(p.annotation is inspect.Parameter.empty for p in parameters)
+    hints = {f.name: typing.get_type_hints(d)[f.name] for d in definitions for f in dataclasses.fields(d)}
+    assert all(p.annotation == hints[p.name] for p in parameters)  # resolved types, not strings
 
 
 def test_keyword_parameters_make_a_signature() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning_slsam.engine.argument_checks import check_bool, check_choice, check_number
@@ -87,9 +89,10 @@ def split_arguments(owner: str, arguments: dict[str, Any], *definitions: type[An
 
 
 def keyword_parameters(*definitions: type[Any]) -> list[inspect.Parameter]:
-    """The fields of dataclass ``definitions`` as keyword-only parameters, for the classes' ``__signature__``."""
+    """The fields of dataclass ``definitions`` as typed keyword-only parameters (annotations resolved)."""
     parameters = []
     for definition in definitions:
+        hints = typing.get_type_hints(definition)
         for f in dataclasses.fields(definition):
             if f.default is not dataclasses.MISSING:
                 default = f.default
@@ -97,5 +100,71 @@ def keyword_parameters(*definitions: type[Any]) -> list[inspect.Parameter]:
                 default = f.default_factory()
             else:  # a required argument
                 default = inspect.Parameter.empty
-            parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+            parameters.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name])
+            )
     return parameters
+
+
+#: the name of the ``**`` parameter through which a generated ``__init__`` passes what its signature does not name
+#: (an old argument name, a typo), so that the class's own check answers it with the new name or the accepted ones
+EXTRA = "renamed_or_unknown"
+
+
+def typed_init(
+    explicit: Callable[..., None], keywords: Sequence[inspect.Parameter], qualname: str
+) -> Callable[..., None]:
+    """A real ``__init__`` whose signature is ``explicit``'s own parameters followed by ``keywords``.
+
+    ``explicit`` is an ``__init__`` that takes the method's and the step's arguments as ``**``; the function
+    returned names each of them as a typed keyword-only parameter with its default, so that ``inspect``, IDEs and
+    jsonargparse (LightningCLI's ``init_args``) see them, and passes them all on to ``explicit``.
+    """
+    hints = typing.get_type_hints(explicit)
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in list(inspect.signature(explicit).parameters.values())[1:]
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    names = [p.name for p in own] + [p.name for p in keywords]
+    namespace: dict[str, Any] = {"_explicit": explicit}
+    rendered = []
+    keyword_only = False
+    for p in [*own, *keywords]:
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and not keyword_only:
+            rendered.append("*")
+            keyword_only = True
+        if p.default is inspect.Parameter.empty:
+            rendered.append(p.name)
+        else:
+            namespace[f"_default_{p.name}"] = p.default
+            rendered.append(f"{p.name}=_default_{p.name}")
+    passed = ", ".join(f"{n}={n}" for n in names)
+    source = f"def __init__(self, {', '.join(rendered)}, **{EXTRA}):\n    _explicit(self, {passed}, **{EXTRA})\n"
+    exec(source, namespace)
+    function = namespace["__init__"]
+    function.__annotations__ = {p.name: p.annotation for p in [*own, *keywords] if p.annotation is not p.empty}
+    function.__annotations__["return"] = None
+    function.__qualname__ = f"{qualname}.__init__"
+    function.__module__ = explicit.__module__
+    function.__doc__ = explicit.__doc__
+    return function
+
+
+def install_typed_init(cls: type[Any], definitions: Sequence[type[Any]]) -> None:
+    """Give ``cls`` (a subclass of a callback or optimizer base) a typed ``__init__`` from :func:`typed_init`.
+
+    The base's ``__init__``, and one that a class of the base's own module defines with ``**`` (``optim.SSAMF``
+    with its ``fisher_data``), is the explicit part; a subclass that defines its own ``__init__`` elsewhere keeps it,
+    untouched, and so do its subclasses that define none.
+    """
+    own = cls.__dict__.get("__init__")
+    if own is not None and own.__module__ != cls._typed_module:
+        cls._typed = False
+        return
+    if own is None and not cls._typed:
+        return
+    explicit = own if own is not None else cls._explicit_init
+    cls._explicit_init = explicit
+    cls._typed = True
+    cls.__init__ = typed_init(explicit, keyword_parameters(*definitions), cls.__qualname__)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from lightning_slsam.engine.method_options import MethodOptions
 from lightning_slsam.engine.prefix_reuse import PrefixReuse
 from lightning_slsam.engine.run import Run
 from lightning_slsam.engine.skipped_steps import SkippedSteps
-from lightning_slsam.engine.step_options import StepOptions, keyword_parameters, split_arguments
+from lightning_slsam.engine.step_options import StepOptions, install_typed_init, split_arguments
 from lightning_slsam.lightning_adapter import module_conversion, pass_context, probability_logging
 from lightning_slsam.lightning_adapter.fisher_samples import draw_training_samples
 from lightning_slsam.lightning_adapter.lr_schedules import step_schedulers
@@ -85,12 +84,17 @@ class SharpnessAware(pl.Callback):
 
     #: the method's one definition (its arguments, defaults, checks and builder); set by each subclass
     options_class: ClassVar[type[MethodOptions]] = MethodOptions
+    #: the ``__init__`` that takes the arguments as ``**`` (a typed one is generated per subclass), whether this
+    #: class's ``__init__`` is generated, and the module whose ``__init__`` definitions are the package's
+    _explicit_init: ClassVar[Any]
+    _typed: ClassVar[bool] = True
+    _typed_module: ClassVar[str] = __name__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            keyword_parameters(cls.options_class, LightningOptions, StepOptions)
-        )
+        # a real, typed __init__ (IDEs, inspect, LightningCLI's init_args): the method's arguments, the
+        # callback's and the step's, each with its default
+        install_typed_init(cls, (cls.options_class, LightningOptions, StepOptions))
 
     def __init__(self, **arguments: Any) -> None:
         name = type(self).__name__
@@ -388,6 +392,9 @@ class SharpnessAware(pl.Callback):
         self.run.load_state_dict(state)
         self.record.load_state_dict(state)
         self.skipped.load_state_dict(state.get("skipped_steps", {}))  # absent in older checkpoints
+
+
+SharpnessAware._explicit_init = SharpnessAware.__init__
 
 
 @dataclasses.dataclass(frozen=True)
