@@ -69,7 +69,7 @@ _NOT_APPLICABLE = {
 }
 
 
-class SharpnessAwareOptimizer:
+class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """A sharpness-aware step around a base optimizer; subclasses name the method (``options_class``).
 
     Args:
@@ -156,11 +156,46 @@ class SharpnessAwareOptimizer:
         self.steps = 0
         #: what the last step did (losses, arms of both passes, passes, skipped), None before the first
         self.last_step: StepResult | None = None
+        # a torch.optim.Optimizer (LR schedulers, hooks, the step profiler) with no groups or state of its own:
+        # param_groups, state and defaults are the base optimizer's, the same objects
+        self._constructing = True
+        torch.optim.Optimizer.__init__(self, [{"params": []}], {})
+        self._constructing = False
 
-    @property
+    @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
-        """The base optimizer's parameter groups (an LR scheduler may be built on the base optimizer)."""
+        """The base optimizer's parameter groups, the same list (an LR scheduler on either sees the same rates)."""
         return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self._constructing:
+            raise AttributeError("param_groups: they are the base optimizer's; change them there")
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """The base optimizer's per-parameter state (AdamW's moments, ...), the same mapping."""
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if not self._constructing:
+            raise AttributeError("state: it is the base optimizer's; change it there")
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        """The base optimizer's defaults (what ``add_param_group`` fills in)."""
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        if not self._constructing:
+            raise AttributeError("defaults: they are the base optimizer's; change them there")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; the next step trains it (with one gradient per step)."""
+        if not self._constructing:
+            self.base_optimizer.add_param_group(param_group)
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         """Run one sharpness-aware step; returns the loss at the unperturbed weights (detached).

@@ -345,3 +345,71 @@ def test_a_float64_model_trains(name: str, kwargs: dict[str, Any]) -> None:
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters(), strict=True))
     if name == "Base":
         assert_models_bitwise(model, reference)
+
+
+# --- a torch.optim.Optimizer over the base optimizer's groups and state ------------------------------------------
+NAMED = [cls.__name__ for cls in optim.NAMED_OPTIMIZERS if cls.__name__ != "SSAMF"]  # SSAMF needs fisher_data
+
+
+def _plain(name: str, model: nn.Module, base: torch.optim.Optimizer) -> optim.SharpnessAwareOptimizer:
+    return getattr(optim, name)(model, base, rho=0.05) if name != "Base" else optim.Base(model, base)
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_an_lr_scheduler_runs_straight_on_the_wrapper(name: str) -> None:
+    """``StepLR(opt)`` accepts the wrapper (an Optimizer) and changes the rate the base optimizer steps with,
+    exactly as the same scheduler on the base optimizer alone would."""
+    model = TinyNet().model
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = _plain(name, model, base)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is base.param_groups and opt.state is base.state and opt.defaults is base.defaults
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = make_dataset(16).tensors
+    rates = []
+    for _ in range(5):
+        rates.append(base.param_groups[0]["lr"])
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        scheduler.step()
+    assert rates == [0.1, 0.1, 0.05, 0.05, 0.025]
+    assert scheduler.state_dict()["_step_count"] == 6  # torch saw every step: no "step before optimizer.step" warning
+
+
+def test_add_param_group_on_the_wrapper_reaches_the_base_and_trains_once_per_step() -> None:
+    """A group added through the wrapper is the base optimizer's, and the next step gives it one gradient: its
+    SGD update equals lr times the gradient at w + e of SAM (never g(w) + g(w + e))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    head = list(model[2].parameters())
+    base = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    for p in head:
+        p.requires_grad_(False)
+    opt = optim.SAM(model, base, rho=0.05)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    for p in head:
+        p.requires_grad_(True)
+    opt.add_param_group({"params": head, "lr": 0.2})
+    assert len(base.param_groups) == 2 and base.param_groups[1]["lr"] == 0.2
+    reference = copy.deepcopy(model)
+    before = [p.detach().clone() for p in head]
+    # the reference: SAM's g(w + e) over every trainable parameter, by hand
+    loss = F.cross_entropy(reference(x), y)
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), grads, strict=True):
+            p.add_(0.05 * g / norm)
+    perturbed = torch.autograd.grad(F.cross_entropy(reference(x), y), list(reference.parameters()))
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    for p, p0, g in zip(head, before, perturbed[2:], strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.2 * g)
+
+
+def test_the_wrappers_groups_and_state_are_read_only_views() -> None:
+    model = TinyNet().model
+    opt = optim.SAM(model, torch.optim.AdamW(model.parameters()), rho=0.05)
+    with pytest.raises(AttributeError, match=r"^param_groups: they are the base optimizer's"):
+        opt.param_groups = []
+    with pytest.raises(AttributeError, match=r"^state: it is the base optimizer's"):
+        opt.state = {}
