@@ -244,3 +244,22 @@ def test_report_flags_divergence_in_summaries_written_before_the_flag(tasks, tmp
     assert tasks.divergence_cell(runs, "sam", 1e-3, 0.1) == "0/1; 1 of 2 rates (0.01: 1/1)"
     runs[1]["diverged"] = None  # a flag written by summarize wins over the recomputation
     assert tasks.divergence_cell(runs, "sam", 1e-3, 0.1) == "0/1; 0 of 2 rates"
+
+
+def test_control_table_splits_the_gain_into_sparsity_and_ascent(tasks) -> None:
+    def runs_of(method: str, lr: float, best: float, final: float) -> list[dict]:
+        return [{"method": method, "lr": lr, "seed": s, "best": best, "final": final} for s in (0, 1)]
+
+    runs = [
+        *runs_of("base", 1e-2, 0.90, 0.80),
+        *runs_of("slsam_plus", 1e-2, 0.95, 0.94),
+        *runs_of("slsam_plus_rho0", 1e-2, 0.92, 0.85),
+        *runs_of("slsam_plus_rho0", 3e-3, 0.93, 0.84),  # best epoch at 3e-3, last at 1e-2: each its own rate
+        *runs_of("slsam", 1e-2, 0.91, 0.90),  # no control swept: no row
+    ]
+    assert tasks.control_table(runs) == [
+        "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
+        "|---|---:|---:|---:|",
+        "| `slsam_plus` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
+    ]
+    assert tasks.control_table([r for r in runs if r["method"] != "base"]) == []
