@@ -457,12 +457,14 @@ def report(args: argparse.Namespace) -> int:
     memory = {m: row.get("memory_vs_base") for m, row in bench.items()}
     order = [m for m in METHODS if any(r["method"] == m for r in runs)]
     chance = summary.get("chance", CHANCE.get(task))
+
+    def rate(m: str, lr: Any, d: int, n: int) -> str:
+        at = [r for r in runs if r["method"] == m and r["lr"] == lr]
+        means = " / ".join(f"{100 * statistics.fmean(r[k] for r in at):.1f}" for k in ("best", "final"))
+        return f"{lr:g} ({means}" + (f", {d}/{n} diverged)" if d else ")")
+
     tried = "; ".join(
-        f"`{m}` "
-        + ", ".join(
-            f"{lr:g}" + (f" ({d}/{n} diverged)" if d else "")
-            for lr, (d, n) in diverged_by_rate(runs, m, chance).items()
-        )
+        f"`{m}` " + ", ".join(rate(m, lr, d, n) for lr, (d, n) in diverged_by_rate(runs, m, chance).items())
         for m in order
     )
     lines = [
@@ -476,7 +478,7 @@ def report(args: argparse.Namespace) -> int:
         "",
         *accuracy_table(runs, "final", chance=chance),
         "",
-        f"Learning rates tried: {tried}.",
+        f"Learning rates tried (mean best / last epoch accuracy over the rate's seeds): {tried}.",
         "",
         f"A run counts as diverged when its last validation accuracy is {100 * DIVERGENCE_DROP:.0f} points or more "
         f"below its first epoch's, or within {100 * CHANCE_MARGIN:.0f} points of chance"

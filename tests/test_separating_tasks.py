@@ -230,7 +230,9 @@ def test_summary_flags_diverged_runs_and_the_report_counts_them(tasks, tmp_path:
     assert plus_final.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
     assert base_final.endswith("| 0/3; 0 of 1 rates |")
-    assert "`slsam_plus` 0.003, 0.01 (1/3 diverged), 0.03 (3/3 diverged)" in text
+    assert (
+        "`slsam_plus` 0.003 (93.0 / 93.0), 0.01 (90.0 / 76.7, 1/3 diverged), 0.03 (30.0 / 11.0, 3/3 diverged)" in text
+    )
     assert "within 5 points of chance (10.0 %)" in text
 
 
