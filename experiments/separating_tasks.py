@@ -13,8 +13,9 @@ Three subcommands, each one exact command in ``docs/results.md``:
 between them (``OMP_NUM_THREADS``); a run whose ``result.json`` exists is skipped, so an interrupted sweep
 resumes. The per-run folders (Hydra output, logs) stay out of git. ``summarize`` keeps what the report needs
 from each run (best and final validation accuracy, the validation curve per epoch, counters, a downsampled
-sampling-probability history with arm names) in one JSON file, which is committed. ``report`` picks each
-method's best learning rate (highest mean final accuracy over seeds), and writes the markdown tables
+sampling-probability history with arm names, and whether the run diverged: see ``divergence``) in one JSON file,
+which is committed. ``report`` picks each method's best learning rate (highest mean accuracy over seeds, diverged
+runs included), says how many of the rates tried had diverged runs, and writes the markdown tables
 (equal steps: mean ± std over seeds; equal time: accuracy at the time budget of base's run, with each method's
 step time taken from the interleaved step benchmark ``--bench``, never from the sweep's own clock, which
 shares the cores with other runs) and the figures: accuracy against time, and the per-arm probability heatmap.
@@ -57,7 +58,63 @@ TASKS: dict[str, list[str]] = {
         "data.max_length=48",
         "rho=0.05",
     ],
+    # the clean counterparts (issue 23: does a method hold where no label is wrong?): the CIFAR-10 ResNet-20 on 300
+    # clean digits, 10 epochs (50 steps of 64), cosine schedule, the digits experiment's rho 0.05
+    "digits_clean": [
+        "experiment=digits_resnet20",
+        "data.train_limit=300",
+        "data.label_noise=0",
+        "trainer.max_epochs=10",
+        "scheduler=cosine",
+        "rho=0.05",
+    ],
+    # MiniLM on 1,000 clean SST-2 sentences, 4 epochs (128 steps of 32); the data path is absolute so that any
+    # checkout under /work finds it
+    "sst2_clean": [
+        "experiment=sst2_minilm",
+        "data.path=/work/shared/data/sst2",
+        "data.train_limit=1000",
+        "data.label_noise=0",
+        "trainer.max_epochs=4",
+        "data.max_length=48",
+        "rho=0.05",
+    ],
 }
+
+#: chance accuracy of each task's validation set (a model that answers one class): digits has 10 balanced
+#: classes, SST-2's dev set is 444 positive of 872 sentences
+CHANCE: dict[str, float] = {
+    "digits_noisy": 0.1,
+    "digits_clean": 0.1,
+    "sst2_noisy": 444 / 872,
+    "sst2_clean": 444 / 872,
+}
+
+#: a run has diverged when its last validation accuracy is this far (absolute) below its first epoch's ...
+DIVERGENCE_DROP = 0.2
+#: ... or within this much of chance (issue 23: a collapse is reported, not hidden behind the best rate)
+CHANCE_MARGIN = 0.05
+
+
+def divergence(run: dict[str, Any], chance: float | None) -> str | None:
+    """Why ``run`` (a summary's run: ``final`` and its ``curve``) counts as diverged, or None: ``"collapsed"``
+    when its last validation accuracy is at least ``DIVERGENCE_DROP`` below its first epoch's, ``"chance"`` when
+    it ends within ``CHANCE_MARGIN`` of ``chance`` (None: not checked). A run that falls slowly from a high peak
+    (fitting noisy labels late) but stays above its first epoch is not flagged: that is what the last-epoch
+    table shows."""
+    final = run["final"]
+    curve = run.get("curve") or []
+    if curve and curve[0]["acc"] - final >= DIVERGENCE_DROP - 1e-9:
+        return "collapsed"
+    if chance is not None and final <= chance + CHANCE_MARGIN:
+        return "chance"
+    return None
+
+
+def _diverged(run: dict[str, Any], chance: float | None) -> str | None:
+    """The run's flag as its summary wrote it, or computed now for summaries written before the flag existed."""
+    return run["diverged"] if "diverged" in run else divergence(run, chance)
+
 
 #: the method overrides of each method name of the sweep (SL-SAM's levers one at a time, all together, and the
 #: shipped combination)
@@ -84,6 +141,11 @@ METHODS: dict[str, list[str]] = {
     "slsam_scaled_s05": ["method=slsam", "method.max_update_scale=5.0", "method.sparsity=0.5"],
     # the shipped combination: the head and 1-D tensors always active, and the update scaling
     "slsam_plus": ["method=slsam_plus"],
+    # the controls that separate sharpness from sparsity (issue 23): the same sampler, pinned arms and update scaling
+    # with no ascent at all. ``method.rho`` (not the global ``rho``, which the task sets and the method config only
+    # interpolates) so that the override lands on the method whatever the task's rho is
+    "slsam_rho0": ["method=slsam", "method.rho=0"],
+    "slsam_plus_rho0": ["method=slsam_plus", "method.rho=0"],
 }
 
 
@@ -221,9 +283,14 @@ def summarize(args: argparse.Namespace) -> int:
     task = Path(args.sweep).name
     if args.merge and out.is_file():
         runs = merge_runs(json.loads(out.read_text()), runs, task)
+    chance = CHANCE.get(task)
+    for r in runs:
+        r["diverged"] = divergence(r, chance)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"task": task, "overrides": TASKS.get(task), "runs": runs}, indent=1) + "\n")
-    print(f"{len(runs)} runs -> {out}")
+    summary = {"task": task, "overrides": TASKS.get(task), "chance": chance, "runs": runs}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
+    flagged = [f"{r['method']} lr {r['lr']:g} seed {r['seed']} ({r['diverged']})" for r in runs if r["diverged"]]
+    print(f"{len(runs)} runs -> {out}" + (f"; diverged: {', '.join(flagged)}" if flagged else ""))
     return 0
 
 
@@ -275,21 +342,47 @@ def _gap(values: list[float], reference: list[float] | None) -> str:
     return "-" if not reference else f"{statistics.fmean(values) - statistics.fmean(reference):+.1f}"
 
 
-def accuracy_table(runs: list[dict[str, Any]], metric: str, cost: dict[str, float] | None = None) -> list[str]:
+def diverged_by_rate(runs: list[dict[str, Any]], method: str, chance: float | None) -> dict[Any, tuple[int, int]]:
+    """``method``'s learning rates, each with (seeds diverged, seeds run), in increasing order of rate."""
+    counts: dict[Any, list[int]] = defaultdict(lambda: [0, 0])
+    for r in runs:
+        if r["method"] == method:
+            counts[r["lr"]][0] += bool(_diverged(r, chance))
+            counts[r["lr"]][1] += 1
+    return {lr: (counts[lr][0], counts[lr][1]) for lr in sorted(counts, key=float)}
+
+
+def divergence_cell(runs: list[dict[str, Any]], method: str, lr: Any, chance: float | None) -> str:
+    """What the best-rate choice hides: seeds diverged at the chosen rate, and how many of the rates tried had a
+    diverged seed (each with its count), e.g. ``0/3; 1 of 4 rates (0.03: 3/3)``."""
+    counts = diverged_by_rate(runs, method, chance)
+    at = counts.get(lr, (0, 0))
+    bad = {rate: c for rate, c in counts.items() if c[0]}
+    listed = ", ".join(f"{rate:g}: {d}/{n}" for rate, (d, n) in bad.items())
+    return f"{at[0]}/{at[1]}; {len(bad)} of {len(counts)} rates" + (f" ({listed})" if bad else "")
+
+
+def accuracy_table(
+    runs: list[dict[str, Any]], metric: str, cost: dict[str, float] | None = None, chance: float | None = None
+) -> list[str]:
     """Markdown rows: each method at the learning rate that maximises ``metric``, mean ± std over seeds, its gap
-    to SAM and to base; with ``cost`` (step time in base steps), also the best accuracy reached within base's
-    whole run's time."""
+    to SAM and to base, the diverged runs (at that rate, and the rates with any; ``chance``: the task's chance
+    accuracy, see ``divergence``); with ``cost`` (step time in base steps), also the best accuracy reached within
+    base's whole run's time."""
     chosen = best_learning_rates(runs, metric)
     order = [m for m in METHODS if m in chosen]
     values = {m: [100 * r[metric] for r in runs if r["method"] == m and r["lr"] == chosen[m]] for m in order}
     base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)
     timed = cost is not None and base_steps is not None
-    header = "| method | lr | seeds | accuracy (%) | − SAM | − base |" + (" within base's time (%) |" if timed else "")
-    lines = [header, "|---|---:|---:|---:|---:|---:|" + ("---:|" if timed else "")]
+    header = "| method | lr | seeds | accuracy (%) | − SAM | − base | diverged: seeds at lr; rates |" + (
+        " within base's time (%) |" if timed else ""
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---|" + ("---:|" if timed else "")]
     for method in order:
         row = (
             f"| `{method}` | {chosen[method]:g} | {len(values[method])} | {_cell(values[method])} | "
-            f"{_gap(values[method], values.get('sam'))} | {_gap(values[method], values.get('base'))} |"
+            f"{_gap(values[method], values.get('sam'))} | {_gap(values[method], values.get('base'))} | "
+            f"{divergence_cell(runs, method, chosen[method], chance)} |"
         )
         if timed:
             assert cost is not None and base_steps is not None
@@ -302,6 +395,42 @@ def accuracy_table(runs: list[dict[str, Any]], metric: str, cost: dict[str, floa
             row += f" {_cell(reached)} |" if reached else " - |"
         lines.append(row)
     return lines
+
+
+#: each SL-SAM variant of the sweep with its ``rho=0`` control (the same sampler, pinned arms and scaling, no ascent)
+RHO0_CONTROLS: dict[str, str] = {"slsam": "slsam_rho0", "slsam_plus": "slsam_plus_rho0"}
+
+
+def control_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows, one per SL-SAM variant swept with its ``rho=0`` control (and base): its gain over AdamW
+    (base) split into what the sparse, scaled updates alone give (control − base) and what the ascent adds
+    (variant − control), at the best and the last epoch, each method at its own best rate for that metric (mean
+    over seeds)."""
+    means: dict[str, dict[str, float]] = {}
+    for metric in ("best", "final"):
+        chosen = best_learning_rates(runs, metric)
+        for method, lr in chosen.items():
+            values = [100 * r[metric] for r in runs if r["method"] == method and r["lr"] == lr]
+            means.setdefault(method, {})[metric] = statistics.fmean(values)
+    lines = [
+        "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
+        "|---|---:|---:|---:|",
+    ]
+    if "base" not in means:
+        return []
+    base = means["base"]
+    for method, control in RHO0_CONTROLS.items():
+        if method not in means or control not in means:
+            continue
+
+        def pair(a: dict[str, float], b: dict[str, float]) -> str:
+            return f"{a['best'] - b['best']:+.1f} / {a['final'] - b['final']:+.1f}"
+
+        lines.append(
+            f"| `{method}` | {pair(means[method], base)} | {pair(means[control], base)} | "
+            f"{pair(means[method], means[control])} |"
+        )
+    return lines if len(lines) > 2 else []
 
 
 def cost_table(
@@ -327,22 +456,45 @@ def report(args: argparse.Namespace) -> int:
     cost_sam = {m: row.get("cost_vs_sam") for m, row in bench.items()}
     memory = {m: row.get("memory_vs_base") for m, row in bench.items()}
     order = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    chance = summary.get("chance", CHANCE.get(task))
+
+    def rate(m: str, lr: Any, d: int, n: int) -> str:
+        at = [r for r in runs if r["method"] == m and r["lr"] == lr]
+        means = " / ".join(f"{100 * statistics.fmean(r[k] for r in at):.1f}" for k in ("best", "final"))
+        return f"{lr:g} ({means}" + (f", {d}/{n} diverged)" if d else ")")
+
     tried = "; ".join(
-        f"`{m}` " + ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in runs if r["method"] == m})) for m in order
+        f"`{m}` " + ", ".join(rate(m, lr, d, n) for lr, (d, n) in diverged_by_rate(runs, m, chance).items())
+        for m in order
     )
     lines = [
         "Best-epoch validation accuracy (checkpoint selection), each method at the learning rate that maximises it "
         "(mean ± std over seeds); the last column is the best accuracy reached within the time of base's whole run, "
         "with each method's step time from the step benchmark:",
         "",
-        *accuracy_table(runs, "best", cost if cost else None),
+        *accuracy_table(runs, "best", cost if cost else None, chance),
         "",
         "Last-epoch validation accuracy, each method at the learning rate that maximises it:",
         "",
-        *accuracy_table(runs, "final"),
+        *accuracy_table(runs, "final", chance=chance),
         "",
-        f"Learning rates tried: {tried}.",
+        f"Learning rates tried (mean best / last epoch accuracy over the rate's seeds): {tried}.",
+        "",
+        f"A run counts as diverged when its last validation accuracy is {100 * DIVERGENCE_DROP:.0f} points or more "
+        f"below its first epoch's, or within {100 * CHANCE_MARGIN:.0f} points of chance"
+        + (f" ({100 * chance:.1f} %)" if chance is not None else "")
+        + "; a diverged run stays in its rate's mean.",
     ]
+    controls = control_table(runs)
+    if controls:
+        lines += [
+            "",
+            "Where the gain over AdamW comes from (points, mean over seeds, best / last epoch, each method at its "
+            "own best rate): the `rho=0` control runs the same sampler, pinned arms and update scaling without the "
+            "ascent:",
+            "",
+            *controls,
+        ]
     if cost:
         lines += ["", "Cost (step benchmark, same model and batch):", "", *cost_table(cost, cost_sam, memory, order)]
     assets = Path(args.assets)

@@ -120,9 +120,9 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
     sam_best = next(line for line in best_table.splitlines() if line.startswith("| `sam`"))
     # best epoch: SAM at 1e-3 (72.0), 2 seeds; at 2.0x base's step time it has had 15 of base's 30 steps when base
     # ends, so the best epoch reached by then is epoch 0 (step 9 = 18 base steps): 50.0
-    assert sam_best == "| `sam` | 0.001 | 2 | 72.0 ± 0.0 | +0.0 | +10.0 | 50.0 ± 0.0 |"
+    assert sam_best == "| `sam` | 0.001 | 2 | 72.0 ± 0.0 | +0.0 | +10.0 | 0/2; 0 of 2 rates | 50.0 ± 0.0 |"
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
-    assert base_final == "| `base` | 0.001 | 2 | 62.0 ± 0.0 | -10.0 | +0.0 |"
+    assert base_final == "| `base` | 0.001 | 2 | 62.0 ± 0.0 | -10.0 | +0.0 | 0/2; 0 of 1 rates |"
     assert "| `sam` | 2.00 | 1.00 | 1.10 |" in text  # the cost table
     assert "old" not in page.read_text() and "| `sam` | 0.001 | 2 |" in page.read_text()
     assert page.read_text().endswith("<!-- end separating: digits_noisy -->\ntail\n")
@@ -182,3 +182,86 @@ def test_unfinished_runs_are_left_out_and_rerun(tasks, tmp_path: Path) -> None:
     summary = tmp_path / "summary.json"
     assert tasks.main(["summarize", str(sweep), "--out", str(summary)]) == 0
     assert [r["method"] for r in json.loads(summary.read_text())["runs"]] == ["base"]
+
+
+def test_divergence_is_a_collapse_below_the_first_epoch_or_chance(tasks) -> None:
+    def run(accs: list[float]) -> dict:
+        return {"final": accs[-1], "curve": [{"epoch": e, "step": e, "acc": a} for e, a in enumerate(accs)]}
+
+    assert tasks.divergence(run([0.6, 0.9, 0.95]), 0.1) is None
+    assert tasks.divergence(run([0.8, 0.97, 0.55]), 0.1) == "collapsed"  # 25 points below epoch 1
+    assert tasks.divergence(run([0.8, 0.97, 0.65]), 0.1) is None  # 15 below: a fall, not a collapse
+    assert tasks.divergence(run([0.3, 0.9, 0.12]), 0.1) == "chance"  # within 5 points of chance, 18 below epoch 1
+    assert tasks.divergence(run([0.51, 0.52, 0.53]), 0.509) == "chance"  # SST-2: never left the majority class
+    assert tasks.divergence(run([0.51, 0.52, 0.53]), None) is None  # chance unknown: only the collapse is checked
+    # late noise fitting (digits_noisy's AdamW: 35 % at epoch 1, 82 % peak, 75 % last) is not a divergence
+    assert tasks.divergence(run([0.35, 0.82, 0.75]), 0.1) is None
+    assert tasks.divergence({"final": 0.3, "curve": []}, 0.1) is None  # no curve: chance only
+
+
+def test_summary_flags_diverged_runs_and_the_report_counts_them(tasks, tmp_path: Path) -> None:
+    sweep = tmp_path / "digits_clean"
+    for seed in (0, 1, 2):
+        write_run(sweep, "base", 1e-2, seed, [0.8, 0.95, 0.96])
+        write_run(sweep, "slsam_plus", 3e-3, seed, [0.7, 0.9, 0.93])
+        write_run(sweep, "slsam_plus", 1e-2, seed, [0.8, 0.94, 0.95] if seed else [0.8, 0.6, 0.4])  # seed 0 collapses
+        write_run(sweep, "slsam_plus", 3e-2, seed, [0.3, 0.12, 0.11])  # every seed ends at chance
+    summary = tmp_path / "summary.json"
+    assert tasks.main(["summarize", str(sweep), "--out", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    assert data["chance"] == 0.1
+    flags = {(r["method"], r["lr"], r["seed"]): r["diverged"] for r in data["runs"]}
+    assert flags[("slsam_plus", 1e-2, 0)] == "collapsed"
+    assert [flags[("slsam_plus", 3e-2, s)] for s in (0, 1, 2)] == ["chance"] * 3
+    assert sum(bool(f) for f in flags.values()) == 4
+    assert tasks.diverged_by_rate(data["runs"], "slsam_plus", 0.1) == {3e-3: (0, 3), 1e-2: (1, 3), 3e-2: (3, 3)}
+
+    markdown = tmp_path / "report.md"
+    command = ["report", str(summary), "--assets", str(tmp_path / "assets"), "--out", str(markdown)]
+    assert tasks.main(command) == 0
+    text = markdown.read_text()
+    best_table, final_table = text.split("Last-epoch")[0], text.split("Last-epoch")[1].split("Learning rates")[0]
+    # both metrics pick 3e-3 (93.0; 1e-2's collapsed seed pulls its mean to 90.0 best / 76.7 last): the row says
+    # that two of the three rates had diverged seeds
+    plus_best = next(line for line in best_table.splitlines() if line.startswith("| `slsam_plus`"))
+    assert plus_best.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
+    plus_final = next(line for line in final_table.splitlines() if line.startswith("| `slsam_plus`"))
+    assert plus_final.startswith("| `slsam_plus` | 0.003 | 3 | 93.0 ± 0.0 |")
+    assert plus_final.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
+    base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
+    assert base_final.endswith("| 0/3; 0 of 1 rates |")
+    assert (
+        "`slsam_plus` 0.003 (93.0 / 93.0), 0.01 (90.0 / 76.7, 1/3 diverged), 0.03 (30.0 / 11.0, 3/3 diverged)" in text
+    )
+    assert "within 5 points of chance (10.0 %)" in text
+
+
+def test_report_flags_divergence_in_summaries_written_before_the_flag(tasks, tmp_path: Path) -> None:
+    runs = [
+        {"method": "sam", "lr": 1e-3, "seed": 0, "best": 0.9, "final": 0.88, "steps": 3,
+         "curve": [{"epoch": 0, "step": 1, "acc": 0.7}, {"epoch": 1, "step": 2, "acc": 0.88}]},
+        {"method": "sam", "lr": 1e-2, "seed": 0, "best": 0.8, "final": 0.5, "steps": 3,
+         "curve": [{"epoch": 0, "step": 1, "acc": 0.8}, {"epoch": 1, "step": 2, "acc": 0.5}]},
+    ]  # fmt: skip
+    assert tasks.divergence_cell(runs, "sam", 1e-3, 0.1) == "0/1; 1 of 2 rates (0.01: 1/1)"
+    runs[1]["diverged"] = None  # a flag written by summarize wins over the recomputation
+    assert tasks.divergence_cell(runs, "sam", 1e-3, 0.1) == "0/1; 0 of 2 rates"
+
+
+def test_control_table_splits_the_gain_into_sparsity_and_ascent(tasks) -> None:
+    def runs_of(method: str, lr: float, best: float, final: float) -> list[dict]:
+        return [{"method": method, "lr": lr, "seed": s, "best": best, "final": final} for s in (0, 1)]
+
+    runs = [
+        *runs_of("base", 1e-2, 0.90, 0.80),
+        *runs_of("slsam_plus", 1e-2, 0.95, 0.94),
+        *runs_of("slsam_plus_rho0", 1e-2, 0.92, 0.85),
+        *runs_of("slsam_plus_rho0", 3e-3, 0.93, 0.84),  # best epoch at 3e-3, last at 1e-2: each its own rate
+        *runs_of("slsam", 1e-2, 0.91, 0.90),  # no control swept: no row
+    ]
+    assert tasks.control_table(runs) == [
+        "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
+        "|---|---:|---:|---:|",
+        "| `slsam_plus` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
+    ]
+    assert tasks.control_table([r for r in runs if r["method"] != "base"]) == []
