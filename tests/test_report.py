@@ -494,6 +494,29 @@ def test_main_prints_table_and_report_path(
     assert (out / "report.md").is_file()
 
 
+def test_without_matplotlib_the_report_holds_the_table_and_no_plots(
+    sweep: tuple[Path, list[dict]], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The markdown table needs no plots: with matplotlib missing (its import fails as it would uninstalled), the
+    report is still written, with the table, no image, and a line that says how to get the plots."""
+    import lightning_slsam.app.report as report
+
+    def missing(*args: Any) -> Any:
+        raise ImportError(
+            "slsam-report's plots need matplotlib, which is not installed: pip install x", name="matplotlib"
+        )
+
+    monkeypatch.setattr(report, "_new_figure", missing)
+    root, records = sweep
+    out = tmp_path / "no_plots"
+    assert main([str(root), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    text = (out / "report.md").read_text()
+    assert markdown_table(summarize(records)) in text and "No plots: slsam-report's plots need matplotlib" in text
+    assert not list(out.rglob("*.png")) and "![" not in text
+    assert "matplotlib is not installed" in captured.err
+
+
 def test_main_bad_directory_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing_sweep"
     assert main([str(missing)]) == 2

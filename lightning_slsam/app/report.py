@@ -705,8 +705,14 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     table = markdown_table(rows)
-    plot_accuracy_vs_time(rows, out / ACCURACY_PLOT_NAME)
-    heatmaps = write_heatmaps(rows, records, out)
+    plots_missing = None  # the table needs no plots: without matplotlib the report is written without them
+    try:
+        plot_accuracy_vs_time(rows, out / ACCURACY_PLOT_NAME)
+        heatmaps = write_heatmaps(rows, records, out)
+    except ImportError as error:
+        if error.name != "matplotlib":
+            raise
+        plots_missing, heatmaps = str(error), []
 
     lines = [
         "# Sweep report",
@@ -724,11 +730,11 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
         "## Results",
         "",
         table,
-        "## Metric vs step time",
-        "",
-        f"![metric vs step time]({ACCURACY_PLOT_NAME})",
-        "",
     ]
+    if plots_missing is None:
+        lines += ["## Metric vs step time", "", f"![metric vs step time]({ACCURACY_PLOT_NAME})", ""]
+    else:
+        lines += [f"No plots: {plots_missing}.", ""]
     if heatmaps:
         lines += ["## Arm sampling probabilities", "", "First seed of each sampling method.", ""]
         for experiment, label, target in heatmaps:
@@ -745,8 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``slsam-report SWEEP_DIR [--out DIR]``: write the report, print the table and the report path.
 
     ``SWEEP_DIR`` may also be a sweep summary file (``summary.json``, :mod:`lightning_slsam.app.sweep_summary`).
-    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, when the file
-    given is not a sweep summary, or when matplotlib is not installed (``pip install 'lightning-slsam[report]'``).
+    Returns 0, or 2 (with a message on stderr) when the sweep directory is missing or holds no record, or the file
+    given is not a sweep summary; without matplotlib the report holds the table and no plots (a line on stderr says
+    so).
     """
     parser = argparse.ArgumentParser(
         prog="slsam-report",
@@ -769,6 +776,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table, end="")
     print(f"\nreport: {report}")
+    if "No plots: " in report.read_text(encoding="utf-8"):
+        print(
+            "slsam-report: the report has no plots: matplotlib is not installed (pip install "
+            "'lightning-slsam[report]')",
+            file=sys.stderr,
+        )
     return 0
 
 
