@@ -406,3 +406,26 @@ def test_text_label_noise_is_seeded_train_only_and_another_class(tmp_path: Path)
     assert clean.val_set.labels == noisy.val_set.labels  # type: ignore[union-attr]
     with pytest.raises(ValueError, match=r"^label_noise:"):
         TextTSVDataModule(str(tmp_path), label_noise=1.0)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_download_offline_is_one_line_naming_the_dataset(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, ``data.download=true`` fails with one line that names the dataset and the offline way, not with
+    urllib's traceback (torchvision's fetch is made to fail as it does without a network)."""
+    import urllib.error
+
+    from torchvision import datasets
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100, "__init__", offline)
+    data = CIFARDataModule(name=name, root=str(tmp_path), download=True)
+    with pytest.raises(ConnectionError) as info:
+        data.prepare_data()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"download: fetching {name} into ") and "Temporary failure in name resolution" in message
+    assert "data.download=false" in message

@@ -189,8 +189,15 @@ class CIFARDataModule(ResumableDataModule):
         from torchvision import datasets
 
         dataset_class = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
-        for train in (True, False):
-            dataset_class(self.root, train=train, download=True)
+        try:
+            for train in (True, False):
+                dataset_class(self.root, train=train, download=True)
+        except OSError as error:  # URLError, a refused connection, a DNS failure: the machine is offline
+            reason = str(getattr(error, "reason", error)).splitlines()[0] if str(error) else type(error).__name__
+            raise ConnectionError(
+                f"download: fetching {self.name} into {str(self.root)!r} failed ({reason}); offline, copy the "
+                f"extracted {self.layout.folder}/ under data.root and set data.download=false"
+            ) from error
 
     def _check_md5(self, folder: Path) -> None:
         from torchvision import datasets
