@@ -41,7 +41,7 @@ from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.fisher_score import compute_loss_of, first_samples
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
-from lightning_slsam.methods.registry import METHOD_OPTIONS, class_name
+from lightning_slsam.methods.registry import class_for
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
@@ -477,26 +477,13 @@ NAMED_OPTIMIZERS: tuple[type[SharpnessAwareOptimizer], ...] = (
     SLSAM,
     SLSAMPlus,
 )
-_DERIVED: dict[type[MethodOptions], type[SharpnessAwareOptimizer]] = {}
 
 
 def optimizer_class(name: str) -> type[SharpnessAwareOptimizer]:
     """The plain-PyTorch optimizer of the registered method ``name``: its named class, or one derived from its
-    options class, the same class at every call.
+    options class, the same class at every call (:func:`~lightning_slsam.methods.registry.class_for`).
 
     Raises:
         ValueError: no method of that name is registered (the message lists them).
     """
-    options = METHOD_OPTIONS.get(name)
-    if options is None:
-        raise ValueError(f"method: unknown method {name!r}; registered: {', '.join(METHOD_OPTIONS)}")
-    for cls in NAMED_OPTIMIZERS:
-        if cls.options_class is options:
-            return cls
-    if options not in _DERIVED:
-        _DERIVED[options] = type(
-            class_name(options),
-            (SharpnessAwareOptimizer,),
-            {"options_class": options, "__module__": __name__, "__doc__": options.__doc__},
-        )
-    return _DERIVED[options]
+    return class_for(name, SharpnessAwareOptimizer, NAMED_OPTIMIZERS)

@@ -48,6 +48,8 @@ class TrainableSet:
         self.layout = layout
         self.argument = argument
         self._index = {id(p): i for i, p in enumerate(layout.params)}
+        #: each layout parameter's arm index, as Python ints (read by enable and params_of at every step)
+        self._param_arms: list[int] = layout.param_arm.tolist()
         self.flags: list[bool] = [p.requires_grad for p in layout.params]
         self.trainable: list[bool] = list(self.flags)
         self.arms: Tensor = torch.ones(len(layout), dtype=torch.bool)
@@ -110,14 +112,14 @@ class TrainableSet:
         flags = [True] * len(self.layout) if active is None else active.tolist()
         return [
             p
-            for p, arm, t in zip(self.layout.params, self.layout.param_arm.tolist(), self.trainable, strict=True)
+            for p, arm, t in zip(self.layout.params, self._param_arms, self.trainable, strict=True)
             if t and flags[arm]
         ]
 
     def enable(self, active: Tensor) -> None:
         """``requires_grad`` on the trainable parameters of the ``active`` arms only (bool ``(N,)``, CPU)."""
         flags = active.tolist()
-        for p, arm, t in zip(self.layout.params, self.layout.param_arm.tolist(), self.trainable, strict=True):
+        for p, arm, t in zip(self.layout.params, self._param_arms, self.trainable, strict=True):
             p.requires_grad_(t and flags[arm])
 
     def restore(self) -> None:

@@ -30,7 +30,7 @@ from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
-from lightning_slsam.methods.registry import METHOD_OPTIONS, class_name
+from lightning_slsam.methods.registry import METHOD_OPTIONS, class_for, class_name
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
@@ -249,7 +249,7 @@ class SharpnessAware(pl.Callback):
         # kept for record_step: a self.log from this nested hook would make Lightning drop, on the first batch,
         # what training_step logged before it (its results are reset when the hook name changes)
         self._update_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        # Lightning calls this after the precision plugin unscaled the gradients (not before: Lightning issue 18089)
+        # Lightning calls this after the precision plugin unscaled the gradients: clipping sees unscaled ones
         if self.run is not None:
             self.run.clip(optimizer)
 
@@ -516,29 +516,16 @@ NAMED_CALLBACKS: tuple[type[SharpnessAware], ...] = (
     SLSAM,
     SLSAMPlus,
 )
-_DERIVED: dict[type[MethodOptions], type[SharpnessAware]] = {}
 
 
 def callback_class(name: str) -> type[SharpnessAware]:
-    """The callback of the registered method ``name``: its named class, or one derived from its options class
-    (``class <Name>(SharpnessAware): options_class = <Name>Options``), the same class at every call.
+    """The callback of the registered method ``name``: its named class, or one derived from its options class,
+    the same class at every call (:func:`~lightning_slsam.methods.registry.class_for`).
 
     Raises:
         ValueError: no method of that name is registered (the message lists them).
     """
-    options = METHOD_OPTIONS.get(name)
-    if options is None:
-        raise ValueError(f"method: unknown method {name!r}; registered: {', '.join(METHOD_OPTIONS)}")
-    for cls in NAMED_CALLBACKS:
-        if cls.options_class is options:
-            return cls
-    if options not in _DERIVED:
-        _DERIVED[options] = type(
-            class_name(options),
-            (SharpnessAware,),
-            {"options_class": options, "__module__": __name__, "__doc__": options.__doc__},
-        )
-    return _DERIVED[options]
+    return class_for(name, SharpnessAware, NAMED_CALLBACKS)
 
 
 class _CallbacksByName(Mapping[str, type[SharpnessAware]]):

@@ -8,6 +8,9 @@ exist) are derived from its options class. :func:`register` does the same at run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 from lightning_slsam.engine.method_options import MethodOptions
 from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
@@ -17,6 +20,8 @@ from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
+
+T = TypeVar("T")
 
 #: each method's options class by its name
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
@@ -57,3 +62,31 @@ def register(options: type[MethodOptions]) -> type[MethodOptions]:
 def class_name(options: type[MethodOptions]) -> str:
     """The name of the callback and optimizer classes derived for ``options``: ``SLSAMPlusOptions`` -> ``SLSAMPlus``."""
     return options.__name__.removesuffix("Options") or options.__name__
+
+
+#: the classes derived by :func:`class_for`, by (adapter base class, options class)
+_DERIVED: dict[tuple[type, type[MethodOptions]], type] = {}
+
+
+def class_for(name: str, base: type[T], named: Sequence[type[T]]) -> type[T]:
+    """The adapter class of the registered method ``name``: the class of ``named`` whose ``options_class`` is the
+    method's, or a subclass of ``base`` derived from its options class (``class <Name>(base): options_class =
+    <Name>Options``, in ``base``'s module), the same class at every call.
+
+    Raises:
+        ValueError: no method of that name is registered (the message lists them).
+    """
+    options = METHOD_OPTIONS.get(name)
+    if options is None:
+        raise ValueError(f"method: unknown method {name!r}; registered: {', '.join(METHOD_OPTIONS)}")
+    for cls in named:
+        if cls.options_class is options:  # type: ignore[attr-defined]
+            return cls
+    key = (base, options)
+    if key not in _DERIVED:
+        _DERIVED[key] = type(
+            class_name(options),
+            (base,),
+            {"options_class": options, "__module__": base.__module__, "__doc__": options.__doc__},
+        )
+    return _DERIVED[key]
