@@ -146,6 +146,9 @@ METHODS: dict[str, list[str]] = {
     # interpolates) so that the override lands on the method whatever the task's rho is
     "slsam_rho0": ["method=slsam", "method.rho=0"],
     "slsam_plus_rho0": ["method=slsam_plus", "method.rho=0"],
+    # candidate defaults that bound how far a sampled tensor moves per step: the update-scale cap at 2 instead of 5
+    "slsam_plus_c2": ["method=slsam_plus", "method.max_update_scale=2.0"],
+    "slsam_plus_c2_rho0": ["method=slsam_plus", "method.max_update_scale=2.0", "method.rho=0"],
 }
 
 
