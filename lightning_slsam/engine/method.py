@@ -107,6 +107,10 @@ class Method:
     #: whether pass 1 can leave arms out, so that pass 2 may replay the calls below the lowest active module
     #: (``prefix_reuse.py``); False for methods whose pass 1 always differentiates every arm
     sparse_pass_one: ClassVar[bool] = False
+    #: whether the method is exact on FSDP2-sharded parameters (``sharding.py``): its ascent and gradient use only
+    #: elementwise arithmetic on the local shards and the global norms of ``PassOne``. A method that computes a
+    #: norm or a statistic of its own over a whole tensor is not, and is refused on a sharded model
+    shardable: bool = False
 
     def __init__(self, rho: float) -> None:
         self.rho = float(rho)  # checked by the method's options (methods/options.py)

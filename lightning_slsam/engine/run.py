@@ -21,6 +21,7 @@ from lightning_slsam.engine.distributed import all_reduce_mean
 from lightning_slsam.engine.method import Method
 from lightning_slsam.engine.perturbation import PerturbationGuard
 from lightning_slsam.engine.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.sharding import sharding_of
 from lightning_slsam.engine.step import StepResult, batch_norms, frozen_running_stats, run_step
 from lightning_slsam.engine.step_options import StepOptions
 from lightning_slsam.engine.trainable import TrainableSet, check_parameters
@@ -59,6 +60,13 @@ class Run:
         self.layout = layout
         self.method = method
         self.step_options = step_options
+        #: the FSDP2 shard group of the parameters, or None (one device, DDP)
+        self.sharding = sharding_of(layout.params, owner)
+        if self.sharding is not None and not method.shardable:
+            raise ValueError(
+                f"{owner}: method {method.name!r} is not supported on FSDP2-sharded parameters (it computes "
+                "whole-tensor statistics of its own); use sam, slsam, slsam_plus, slsam_uniform, rst or base"
+            )
         #: which parameters train at this step (the user's ``requires_grad`` and the optimizer's groups)
         self.trainable = TrainableSet(layout, optimizer_argument)
         self.trainable.refresh(optimizer)
@@ -99,6 +107,7 @@ class Run:
             second_pass_context=self.second_pass_context,
             trainable=self.trainable,
             guard=self.guard,
+            sharding=self.sharding,
         )
 
     @contextlib.contextmanager

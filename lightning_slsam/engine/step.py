@@ -39,6 +39,7 @@ from lightning_slsam.engine.distributed import all_reduce_mean
 from lightning_slsam.engine.method import Method, PassOne
 from lightning_slsam.engine.perturbation import PerturbationGuard
 from lightning_slsam.engine.prefix_reuse import PrefixReuse
+from lightning_slsam.engine.sharding import Sharding, locals_of
 from lightning_slsam.engine.skipped_steps import all_finite
 from lightning_slsam.engine.trainable import TrainableSet
 
@@ -94,6 +95,7 @@ def run_step(
     second_pass_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     trainable: TrainableSet | None = None,
     guard: PerturbationGuard | None = None,
+    sharding: Sharding | None = None,
 ) -> StepResult:
     """Run one whole step of ``method`` on the arms ``layout`` (the order is in the module docstring).
 
@@ -116,6 +118,9 @@ def run_step(
             parameter groups (``trainable.py``); keep one across steps (default: a new one each step).
         guard: where the step keeps ``w`` while the weights are perturbed (``perturbation.PerturbationGuard``);
             keep one across steps so that a checkpoint taken mid-step can read it (default: a new one).
+        sharding: the FSDP2 shard group of the layout's parameters (``sharding.sharding_of``), or None. With it
+            the norms are summed over the shard group, the arithmetic acts on the local shards, the finite flag
+            is agreed over ranks and ``all_reduce`` is not called (FSDP2 reduced the gradients).
 
     Returns:
         What the step did (:class:`StepResult`).
@@ -143,7 +148,9 @@ def run_step(
             else contextlib.nullcontext()
         ):
             loss = forward_backward(AT_W)
-        first = measure_pass_one(layout, active1, scaler if method.measures_norms else False, all_reduce)
+        first = measure_pass_one(
+            layout, active1, scaler if method.measures_norms else False, all_reduce, sharding=sharding
+        )
         _check_gradients_arrived(first, active1, trainable)
         # One small host read: a non-finite pass 1 (fp16 overflow) gets neither an ascent nor a pass 2.
         finite = bool(first.finite) if method.measures_norms else True
@@ -173,12 +180,15 @@ def run_step(
         if reuse is not None:
             reuse.clear()
 
-    all_reduce([p.grad for p in layout.params if p.grad is not None])
+    if sharding is None:  # FSDP2 reduced the gradients it computed (and no others) in each backward pass
+        all_reduce([p.grad for p in layout.params if p.grad is not None])
     # Skip a step whose gradients are not finite, in any pass: one fused check (and one host read) of the
     # gradients that reach the optimizer, after the method combined them and DDP averaged them (so every rank
-    # decides alike). A non-finite pass 1 is known already.
+    # decides alike; sharded gradients are checked shard by shard and the flag agreed over ranks). A
+    # non-finite pass 1 is known already.
     if finite:
-        finite = bool(all_finite(optimizer_grads(optimizer)))
+        finite_here = all_finite(locals_of(optimizer_grads(optimizer)))
+        finite = sharding.all_ranks(finite_here) if sharding is not None else bool(finite_here)
     # After a non-finite step a GradScaler still gets its step: it finds the inf, skips the update and
     # backs off its scale, as in plain training. Without a scaler the optimizer is not stepped at all.
     if finite or scaler is not None:
@@ -239,15 +249,16 @@ def _second_pass(
     """
     on_both = active2 & active1
     params = [p for p in layout.params_of(on_both) if p.grad is not None]
-    grads = [p.grad for p in params]
+    values = locals_of(params)  # the parameters themselves, or their local shards under FSDP2
+    grads = locals_of([p.grad for p in params])
     first_grads = [g.clone() for g in grads] if method.keeps_first_gradient else None
-    saved = perturbation.save(params)
-    guard.hold(params, saved)
+    saved = perturbation.save(values)
+    guard.hold(values, saved)
     try:
         with torch.no_grad():
             raw_norm = first.norm_over(on_both, local=True) * first.grad_scale
             if params:
-                perturbation.apply(params, method.perturbation(params, grads, raw_norm))
+                perturbation.apply(values, method.perturbation(values, grads, raw_norm))
         del grads
         for p in params:
             p.grad = None
@@ -273,10 +284,15 @@ def measure_pass_one(
     active: Tensor,
     scaler: torch.amp.GradScaler | bool | None,
     all_reduce: Callable[[Sequence[Tensor]], None] = all_reduce_mean,
+    *,
+    sharding: Sharding | None = None,
 ) -> PassOne:
     """Per-arm L2 norms of the pass-1 gradients, unscaled; one foreach kernel, no host sync.
 
     ``scaler=False`` skips the norms (methods that never look at them, such as ``base``): zeros, finite.
+    Under DDP the norms that decide are the rank mean of each rank's own; under FSDP2 (``sharding``) the
+    gradients are already the ranks' mean and the norms are those of the whole tensors (local shards' squares
+    summed over the shard group), the same as ``local_arm_norms``.
     """
     params: list[nn.Parameter] = []
     arms: list[int] = []
@@ -292,13 +308,16 @@ def measure_pass_one(
         zeros = torch.zeros(len(layout), device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
         return PassOne(active, params, arm_of_param, zeros, zeros.new_ones(()), finite, zeros)
-    tensor_norms = perturbation.tensor_norms([p.grad for p in params]).to(device)
+    tensor_norms = perturbation.tensor_norms(locals_of([p.grad for p in params])).to(device)
     raw = perturbation.arm_norms(tensor_norms, arm_of_param, len(layout))
+    if sharding is not None:
+        raw = sharding.arm_norms(raw.square())
     scale = scaler._scale if scaler is not None and scaler._scale is not None else None
     grad_scale = scale.to(device=device, dtype=torch.float32) if scale is not None else raw.new_ones(())
     local = raw / grad_scale
     shared = local.clone()
-    all_reduce([shared])  # rank-mean (N floats): every rank decides and learns from the same norms
+    if sharding is None:
+        all_reduce([shared])  # rank-mean (N floats): every rank decides and learns from the same norms
     return PassOne(active, params, arm_of_param, shared, grad_scale, torch.isfinite(shared).all(), local)
 
 

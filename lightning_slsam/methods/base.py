@@ -26,6 +26,7 @@ class BaseMethod(Method):
 
     name = "base"
     measures_norms = False
+    shardable = True
 
     def __init__(self) -> None:
         super().__init__(rho=0.0)

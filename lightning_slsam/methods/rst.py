@@ -49,6 +49,7 @@ class RSTMethod(Method):
     seed, equal on every rank)."""
 
     name = "rst"
+    shardable = True
 
     def __init__(self, rho: float, p: float, seed: int) -> None:
         super().__init__(rho)

@@ -70,6 +70,7 @@ class SAMMethod(Method):
         self.adaptive = bool(adaptive)
         self.eta = float(eta)
         self.name = "asam" if adaptive else "sam"
+        self.shardable = not self.adaptive  # ASAM's ||T g|| is a norm of its own over whole tensors
         self._is_bias: dict[int, bool] = {}
 
     def setup(self, layout: ArmLayout) -> None:

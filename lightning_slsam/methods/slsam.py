@@ -31,6 +31,7 @@ from lightning_slsam.engine.samplers import (
     TopArmsSampler,
     UniformSampler,
 )
+from lightning_slsam.engine.sharding import local
 
 #: ``sampler`` values of SL-SAM
 SAMPLERS: tuple[str, ...] = ("exp3", "uniform")
@@ -227,6 +228,7 @@ class SLSAMMethod(Method):
 
     name = "slsam"
     sparse_pass_one = True
+    shardable = True
 
     def __init__(
         self,
@@ -289,7 +291,8 @@ class SLSAMMethod(Method):
         scale = self.sampler.probs.reciprocal().clamp(max=self.max_update_scale).tolist()
         scaled = [(p, scale[self._arm_of[id(p)]]) for p in params if scale[self._arm_of[id(p)]] != 1.0]
         if scaled:  # keep w before the optimizer step of the arms whose update is scaled (not the pinned ones)
-            self._before = ([p for p, _ in scaled], [p.detach().clone() for p, _ in scaled], [f for _, f in scaled])
+            before = [local(p).detach().clone() for p, _ in scaled]  # the local shard under FSDP2
+            self._before = ([p for p, _ in scaled], before, [f for _, f in scaled])
 
     def _scale_updates(self) -> None:
         """``w <- w0 + min(1 / p_i, c) (w - w0)`` on the arms of this step whose factor is not 1."""
@@ -297,7 +300,7 @@ class SLSAMMethod(Method):
         params, before, factors = self._before
         self._before = None
         with torch.no_grad():
-            weights = [p.detach() for p in params]
+            weights = [local(p).detach() for p in params]
             # computed aside and copied in one kernel: an interrupt leaves the weights before or after it
             scaled = torch._foreach_sub(weights, before)
             torch._foreach_mul_(scaled, factors)

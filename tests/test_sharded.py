@@ -1,0 +1,101 @@
+"""FSDP2 (``fully_shard``) on 2 CPU processes (gloo): a sharded run equals one process on the same global batch.
+
+tests/scripts/fsdp2_optim.py trains each method that runs sharded twice on every rank: in one process on whole
+batches (the reference), then sharded over the two ranks with half of every batch each. The ranks seed their
+global RNGs differently; equal arms come from the broadcast seed and the global norms alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_slsam.engine.sharding import locals_of, sharding_of
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_optim.py"
+STEPS = 6
+METHODS = ["base", "sam", "slsam", "slsam_plus", "rst"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("fsdp2")
+    # the package of this checkout, also where another one is installed (editable install, worktrees)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(STEPS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_sharded_ranks_equal_one_process(ranks: list[dict[str, Any]], method: str) -> None:
+    single = ranks[0]["single"][method]
+    for rank in ranks:
+        sharded = rank["sharded"][method]
+        assert set(sharded["params"]) == set(single["params"])
+        for name, value in single["params"].items():
+            torch.testing.assert_close(sharded["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        # the same arms on both ranks and as in one process, at every step
+        assert torch.equal(sharded["arms"], single["arms"])
+    assert ranks[0]["world_size"] == 2
+    # the reference moved: a run that did nothing would also "agree"
+    assert any(not torch.equal(v, ranks[0]["init"][k]) for k, v in single["params"].items() if k != "extra")
+
+
+@pytest.mark.parametrize("method", ["slsam", "slsam_plus"])
+def test_sparse_steps_sample_and_learn_alike(ranks: list[dict[str, Any]], method: str) -> None:
+    a, b = ranks[0]["sharded"][method], ranks[1]["sharded"][method]
+    assert not bool(a["arms"].all())  # sparse: some arms left out
+    torch.testing.assert_close(a["probs"], ranks[0]["single"][method]["probs"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(a["probs"], b["probs"])
+    assert not torch.allclose(a["probs"], torch.full_like(a["probs"], 0.4))  # the bandit learned
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_active_arms_reach_the_optimizer_with_a_gradient(ranks: list[dict[str, Any]], method: str) -> None:
+    """No gradient of an arm left out of the step is materialised (FSDP2 reduces only computed ones)."""
+    run = ranks[1]["sharded"][method]
+    per_param = run["arms"][:, run["param_arm"]]  # the arm's flag for each parameter, per step
+    assert torch.equal(run["with_grad"], per_param)
+
+
+def test_a_fault_on_one_rank_skips_the_step_on_both(ranks: list[dict[str, Any]]) -> None:
+    """Pass 2 on rank 0 puts an inf in a gradient entry that only rank 1's shard holds: both ranks skip."""
+    assert ranks[0]["fault"]["skipped"] == [False, True, False, False]
+    assert ranks[1]["fault"]["skipped"] == [False, True, False, False]
+    for name, value in ranks[0]["fault"]["params"].items():
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, ranks[1]["fault"]["params"][name]), name
+
+
+def test_resume_from_sharded_state_is_bitwise(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        for name, value in rank["resume"]["whole"].items():
+            assert torch.equal(rank["resume"]["resumed"][name], value), name
+
+
+def test_a_method_with_whole_tensor_statistics_is_refused(ranks: list[dict[str, Any]]) -> None:
+    message = ranks[0]["refused"]
+    assert message is not None and message.startswith("ASAM: method 'asam' is not supported on FSDP2")
+    assert "\n" not in message
+
+
+def test_plain_models_are_not_sharded() -> None:
+    params = list(torch.nn.Linear(3, 2).parameters())
+    assert sharding_of(params, "X") is None
+    assert locals_of(params)[0] is params[0]
