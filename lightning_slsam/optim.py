@@ -33,6 +33,7 @@ from lightning_slsam.engine.method import EpochStart, Method
 from lightning_slsam.engine.method_options import MethodOptions
 from lightning_slsam.engine.prefix_reuse import PrefixReuse
 from lightning_slsam.engine.run import Run
+from lightning_slsam.engine.sharding import complete_optimizer_state
 from lightning_slsam.engine.skipped_steps import SkippedSteps
 from lightning_slsam.engine.step import StepResult
 from lightning_slsam.engine.step_options import StepOptions, install_typed_init, split_arguments
@@ -150,6 +151,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.method: Method = self.options.method_for(self.model, self.layout)
         #: the model attached to the method's step (trainable set, hooks, perturbation guard)
         self.run = Run(self.model, self.layout, self.method, self.step_options, base_optimizer, name, "base_optimizer")
+        if self.run.sharding is not None:  # a distributed checkpoint needs every parameter's optimizer state
+            complete_optimizer_state(base_optimizer)
         #: steps skipped for non-finite gradients (the ``max_skipped_steps`` limit applies)
         self.skipped = SkippedSteps(self.step_options.max_skipped_steps, owner=name)
         #: ``step`` calls so far (taken or skipped)

@@ -29,7 +29,7 @@ from conftest import (
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -573,19 +573,22 @@ class MyFSDPStrategy(SingleDeviceStrategy):
 
 
 def test_check_strategy() -> None:
-    with pytest.raises(ValueError, match="ddp"):
+    with pytest.raises(ValueError, match=r"^SLSAM: strategy FSDPStrategy .*FSDP1 .*ModelParallelStrategy"):
         check_strategy(FSDPStrategy(), "SLSAM")
-    with pytest.raises(ValueError, match="ddp"):
+    with pytest.raises(ValueError, match=r"^SLSAM: strategy MyDeepSpeedStrategy .*'ddp'"):
         check_strategy(MyDeepSpeedStrategy(), "SLSAM")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2: .*data parallelism only"):
+        check_strategy(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), "SLSAM")
     check_strategy(DDPStrategy(), "SLSAM")
     check_strategy(SingleDeviceStrategy(torch.device("cpu")), "SLSAM")
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "SLSAM")
 
 
 def test_sharded_strategy_is_refused_in_fit() -> None:
     module = TinyNet()
     before = snapshot(module)
     trainer = quiet_trainer(callbacks=[SLSAM(seed=0)], strategy=MyFSDPStrategy(torch.device("cpu")))
-    with pytest.raises(ValueError, match="ddp"):
+    with pytest.raises(ValueError, match="FSDP1"):
         trainer.fit(module, loader())
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_slsam.engine.sharding import locals_of, sharding_of
+from lightning_slsam.engine.sharding import complete_optimizer_state, locals_of, sharding_of
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_optim.py"
 STEPS = 6
@@ -99,3 +99,74 @@ def test_plain_models_are_not_sharded() -> None:
     params = list(torch.nn.Linear(3, 2).parameters())
     assert sharding_of(params, "X") is None
     assert locals_of(params)[0] is params[0]
+
+
+# --- Lightning: ModelParallelStrategy with fully_shard in configure_model ------------------------------------------
+LIGHTNING_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_lightning.py"
+
+
+def run_lightning(out: Path, *args: str) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(LIGHTNING_SCRIPT), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    world = 1 if args[0] == "single" else 2
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("method", ["sam", "slsam_plus"])
+def test_lightning_fsdp2_equals_one_process(tmp_path: Path, method: str) -> None:
+    (single,) = run_lightning(tmp_path / "single", "single", method, "6")
+    ranks = run_lightning(tmp_path / "fsdp2", "fsdp2", method, "6")
+    assert single["sharded"] == "Parameter" and ranks[0]["sharded"] == "DTensor"
+    for rank in ranks:
+        assert rank["world_size"] == 2 and rank["global_step"] == 6
+        for name, value in single["params"].items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(rank["counts"], single["counts"])  # the same arms, step by step (check_ranks too)
+
+
+def test_lightning_fsdp2_resumes_bitwise_from_a_distributed_checkpoint(tmp_path: Path) -> None:
+    """6 steps straight, against 3 steps, a distributed checkpoint (a folder of shards), and 3 resumed steps.
+    SL-SAM has left some parameters unsampled at the checkpoint: their optimizer state must be in it."""
+    straight = run_lightning(tmp_path / "straight", "fsdp2", "slsam", "6", "3")
+    checkpoint = tmp_path / "straight" / "at3.ckpt"
+    assert checkpoint.is_dir()
+    resumed = run_lightning(tmp_path / "resumed", "fsdp2", "slsam", "6", str(checkpoint))
+    for a, b in zip(straight, resumed, strict=True):
+        assert b["global_step"] == 6
+        for name, value in a["params"].items():
+            assert torch.equal(b["params"][name], value), name
+        assert torch.equal(b["probs"], a["probs"]) and torch.equal(b["counts"], a["counts"])
+
+
+def test_completing_adam_state_changes_no_step() -> None:
+    """Adam's state created ahead of its first step (what a distributed checkpoint needs) gives bitwise the
+    same steps, here with one parameter left without a gradient at the first step."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(4, 3)
+    completed = torch.nn.Linear(4, 3)
+    completed.load_state_dict(plain.state_dict())
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.1, weight_decay=0.1)
+    opt_completed = torch.optim.AdamW(completed.parameters(), lr=0.1, weight_decay=0.1)
+    assert complete_optimizer_state(opt_completed) == 2
+    assert len(opt_completed.state) == 2 and len(opt_plain.state) == 0
+    assert complete_optimizer_state(opt_completed) == 0  # idempotent
+    x = torch.randn(5, 4)
+    for step in range(3):
+        for model, opt in ((plain, opt_plain), (completed, opt_completed)):
+            model(x).square().sum().backward()
+            if step == 0:
+                model.bias.grad = None  # the bias is not sampled at the first step
+            opt.step()
+            opt.zero_grad()
+        assert torch.equal(plain.weight, completed.weight) and torch.equal(plain.bias, completed.bias)
+    assert complete_optimizer_state(torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)) == 0

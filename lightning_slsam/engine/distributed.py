@@ -1,4 +1,4 @@
-"""Data-parallel support: rank-consistent sampling and one coalesced all-reduce of the active gradients.
+"""Data-parallel support: rank-consistent sampling and one coalesced all-reduce of the active gradients (DDP).
 
 Under DDP the callback turns DDP's own gradient synchronisation off (``require_backward_grad_sync``), so
 neither backward pass waits on parameters that have no gradient this step: the default ``ddp`` strategy
@@ -18,19 +18,44 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+_SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy")
+
+#: why a strategy cannot run the step, by the name of its class (or of a base class)
+_REFUSED = {
+    "FSDPStrategy": (
+        "FSDP1 flattens parameters into FlatParameters whose requires_grad is fixed when they are wrapped, so a "
+        "step cannot leave arms out of a pass; use ModelParallelStrategy and call torch's fully_shard (FSDP2) in "
+        "configure_model (docs/guide/sharded.md)"
+    ),
+    "DeepSpeedStrategy": (
+        "DeepSpeed owns the backward pass and the optimizer step; use 'ddp', or ModelParallelStrategy with "
+        "fully_shard (FSDP2)"
+    ),
+}
 
 
 def check_strategy(strategy: Any, owner: str) -> None:
-    """Refuse strategies that cannot run the manual-optimization step (FSDP, DeepSpeed, ...)."""
+    """Refuse strategies that cannot run the sharpness-aware step, with the reason (FSDP1, DeepSpeed, ...).
+
+    Runs: a single device, DDP (``ddp``, ``ddp_spawn``, ...) and ``ModelParallelStrategy`` with FSDP2's
+    ``fully_shard`` (data parallel only: ``tensor_parallel_size=1``; the step checks the sharding itself).
+    """
     kinds = [cls.__name__ for cls in type(strategy).__mro__]
-    if not any(kind in _SUPPORTED_STRATEGIES for kind in kinds) or any(
-        bad in kind for kind in kinds for bad in ("FSDP", "DeepSpeed")
-    ):
+    for kind in kinds:
+        for refused, reason in _REFUSED.items():
+            if refused.removesuffix("Strategy") in kind:  # the class or a subclass named after it
+                raise ValueError(
+                    f"{owner}: strategy {type(strategy).__name__} cannot run the sharpness-aware step: {reason}"
+                )
+    if not any(kind in _SUPPORTED_STRATEGIES for kind in kinds):
         raise ValueError(
-            f"{owner}: strategy {type(strategy).__name__} cannot run the sharpness-aware step (Lightning runs no "
-            "manual optimization with sharded or DeepSpeed strategies). Use strategy='ddp' or 'ddp_spawn' on "
-            "several devices, or a single device."
+            f"{owner}: strategy {type(strategy).__name__} cannot run the sharpness-aware step; use a single device, "
+            "'ddp' / 'ddp_spawn', or ModelParallelStrategy with fully_shard (FSDP2) in configure_model"
+        )
+    if "ModelParallelStrategy" in kinds and getattr(strategy, "_tensor_parallel_size", 1) not in (1, "auto"):
+        raise ValueError(
+            f"{owner}: ModelParallelStrategy with tensor_parallel_size={strategy._tensor_parallel_size}: the step "
+            "supports FSDP2 data parallelism only (tensor_parallel_size=1)"
         )
 
 

@@ -103,3 +103,37 @@ def sharding_of(params: Sequence[Tensor], owner: str) -> Sharding | None:
                 f"{owner}: parameter {index} has placements {placements}; the step supports FSDP2's (Shard(0),)"
             )
     return Sharding(group=mesh.get_group(), size=mesh.size())
+
+
+def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Give every parameter of an Adam or AdamW optimizer the state its first step would create (step 0, zero
+    moments), through the optimizer's own lazy initialisation; returns how many parameters got one.
+
+    The following steps are bitwise those without it. Why: a sparse step leaves some parameters without
+    optimizer state until they are first sampled, and torch's distributed checkpoint (what Lightning's and
+    Fabric's ``ModelParallelStrategy`` save and load) loads into a template built by stepping a fresh optimizer
+    on every parameter, so it refuses a checkpoint that lacks any parameter's state. Other optimizers are left
+    as they are (0).
+    """
+    if not isinstance(optimizer, torch.optim.Adam) or not hasattr(optimizer, "_init_group"):
+        return 0
+    missing = {
+        id(p)
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.requires_grad and not optimizer.state.get(p)
+    }
+    if not missing:
+        return 0
+    grads = {p: p.grad for group in optimizer.param_groups for p in group["params"]}
+    try:
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p) if id(p) in missing else None
+            for group in optimizer.param_groups:
+                optimizer._init_group(group, [], [], [], [], [], [])
+    finally:
+        for p, grad in grads.items():
+            p.grad = grad
+    return len(missing)

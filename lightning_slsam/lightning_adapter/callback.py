@@ -20,6 +20,7 @@ from lightning_slsam.engine.method import EpochStart, Method, PassOne
 from lightning_slsam.engine.method_options import MethodOptions
 from lightning_slsam.engine.prefix_reuse import PrefixReuse
 from lightning_slsam.engine.run import Run
+from lightning_slsam.engine.sharding import complete_optimizer_state
 from lightning_slsam.engine.skipped_steps import SkippedSteps
 from lightning_slsam.engine.step_options import StepOptions, install_typed_init, split_arguments
 from lightning_slsam.lightning_adapter import module_conversion, pass_context, probability_logging
@@ -208,6 +209,8 @@ class SharpnessAware(pl.Callback):
         self.run = Run(
             pl_module, self.layout, self.method, self.step_options, trainer.optimizers[0], type(self).__name__
         )
+        if self.run.sharding is not None:  # a distributed checkpoint needs every parameter's optimizer state
+            complete_optimizer_state(trainer.optimizers[0])
         self._micro_batches = []
         self.record.start(len(self.layout))
         if self._loaded is not None:
