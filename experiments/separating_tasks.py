@@ -149,6 +149,8 @@ METHODS: dict[str, list[str]] = {
     # candidate defaults that bound how far a sampled tensor moves per step: the update-scale cap at 2 instead of 5
     "slsam_plus_c2": ["method=slsam_plus", "method.max_update_scale=2.0"],
     "slsam_plus_c2_rho0": ["method=slsam_plus", "method.max_update_scale=2.0", "method.rho=0"],
+    # and one that samples half of the tensors instead of a fifth (more of each step's update is dense)
+    "slsam_plus_s05": ["method=slsam_plus", "method.sparsity=0.5"],
 }
 
 
