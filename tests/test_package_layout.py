@@ -65,6 +65,7 @@ TESTED_IN: dict[str, list[str]] = {
     "old_paths.py": ["test_package_layout.py"],  # every 0.1 module path still imports, with a warning
     "app/run_stats.py": ["test_cli.py", "test_faults.py"],  # best/final metric in result.json, across a resume
     "engine/skipped_steps.py": ["test_faults.py"],
+    "engine/sharding.py": ["test_sharded.py"],
     "app/warmup_schedule.py": ["test_faults.py"],  # scheduler=cosine in the resume runs (no test checks its LR values)
 }
 

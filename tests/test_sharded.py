@@ -95,6 +95,20 @@ def test_a_method_with_whole_tensor_statistics_is_refused(ranks: list[dict[str, 
     assert "\n" not in message
 
 
+def test_an_fsdp1_model_is_refused() -> None:
+    """FSDP1 needs an accelerator to wrap a model; a module of its class stands in for one (the check is a type
+    check), and the refusal comes before the optimizer wrapper touches anything."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_slsam import optim
+
+    stand_in = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(stand_in)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), stand_in)
+    with pytest.raises(ValueError, match=r"^SLSAM: the model is wrapped in FSDP1 .*fully_shard"):
+        optim.SLSAM(model, torch.optim.AdamW(model.parameters()), rho=0.05)
+
+
 def test_plain_models_are_not_sharded() -> None:
     params = list(torch.nn.Linear(3, 2).parameters())
     assert sharding_of(params, "X") is None

@@ -21,7 +21,7 @@ from lightning_slsam.engine.distributed import all_reduce_mean
 from lightning_slsam.engine.method import Method
 from lightning_slsam.engine.perturbation import PerturbationGuard
 from lightning_slsam.engine.prefix_reuse import PrefixReuse
-from lightning_slsam.engine.sharding import sharding_of
+from lightning_slsam.engine.sharding import check_not_fsdp1, sharding_of
 from lightning_slsam.engine.step import StepResult, batch_norms, frozen_running_stats, run_step
 from lightning_slsam.engine.step_options import StepOptions
 from lightning_slsam.engine.trainable import TrainableSet, check_parameters
@@ -61,6 +61,7 @@ class Run:
         self.method = method
         self.step_options = step_options
         #: the FSDP2 shard group of the parameters, or None (one device, DDP)
+        check_not_fsdp1(model, owner)
         self.sharding = sharding_of(layout.params, owner)
         if self.sharding is not None and not method.shardable:
             raise ValueError(

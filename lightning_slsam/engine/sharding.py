@@ -137,3 +137,18 @@ def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
         for p, grad in grads.items():
             p.grad = grad
     return len(missing)
+
+
+def check_not_fsdp1(model: torch.nn.Module, owner: str) -> None:
+    """Refuse a model wrapped in FSDP1 (``FullyShardedDataParallel``): its parameters are flattened into
+    FlatParameters whose ``requires_grad`` is fixed at wrap time, so a step cannot leave arms out of a pass, and
+    its original-parameter views do not show which rank holds what."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            f"{owner}: the model is wrapped in FSDP1 (FullyShardedDataParallel), which the step cannot run; shard "
+            "it with FSDP2 instead (torch.distributed.fsdp.fully_shard, docs/guide/sharded.md)"
+        )
