@@ -320,6 +320,18 @@ def test_checkpointed_layers_recompute_only_where_a_gradient_flows() -> None:
     assert counter.calls == [1, 1]
 
 
+class ReplayCounter(L.Callback):
+    """The module calls pass 2 took from pass 1 (prefix reuse), step by step."""
+
+    def __init__(self, slsam: SLSAM) -> None:
+        self.slsam = slsam
+        self.calls: list[int] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        reuse = self.slsam.prefix_reuse
+        self.calls.append(0 if reuse is None else reuse.replayed_calls)
+
+
 @pytest.mark.parametrize("frozen_layer", [None, 0])
 def test_slsam_steps_with_checkpointing_equal_the_steps_without(frozen_layer: int | None) -> None:
     """Three sparse SL-SAM steps (Lightning, prefix reuse on) with and without activation checkpointing end at the
@@ -332,14 +344,16 @@ def test_slsam_steps_with_checkpointing_equal_the_steps_without(frozen_layer: in
             for p in model.model.model.layers[frozen_layer].parameters():
                 p.requires_grad_(False)
         data = tiny_data(batch_size=4, seed=3)
-        trainer = quiet_trainer(
-            callbacks=[SLSAM(rho=0.05, sparsity=0.3, seed=0)], max_steps=3, num_sanity_val_steps=0, limit_val_batches=0
-        )
+        slsam = SLSAM(rho=0.05, sparsity=0.3, seed=0)
+        replays = ReplayCounter(slsam)
+        trainer = quiet_trainer(callbacks=[slsam, replays], max_steps=3, num_sanity_val_steps=0, limit_val_batches=0)
         trainer.fit(model, datamodule=data)
         assert trainer.global_step == 3
-        results.append((model, counter.calls))
-    (plain, plain_calls), (checkpointed, checkpointed_calls) = results
+        results.append((model, counter.calls, replays.calls))
+    (plain, plain_calls, plain_replays), (checkpointed, checkpointed_calls, checkpointed_replays) = results
     assert_models_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+    # pass 2 replayed pass 1's prefix (the layers below the lowest active arm) just as often with checkpointing
+    assert checkpointed_replays == plain_replays and sum(plain_replays) > 0
     # checkpointing really ran: some layer was recomputed in a backward pass
     assert sum(checkpointed_calls) > sum(plain_calls)
     if frozen_layer is not None:
