@@ -96,7 +96,7 @@ def enable_checkpointing(model: Any) -> None:
     not reuse pass 1's prefix.
     """
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since gradient_checkpointing_enable was deprecated
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
