@@ -446,3 +446,20 @@ def test_validation_metrics_are_over_all_response_tokens() -> None:
     assert metrics["val/loss"] == pytest.approx(total / count, rel=1e-5)
     assert metrics["val/ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert metrics["val/token_acc"] == pytest.approx(correct / count, abs=1e-6)
+
+
+def test_bf16_mixed_keeps_float32_weights_and_trains_with_checkpointing() -> None:
+    """The recipe's precision (on the CPU here): bf16 compute under autocast, float32 weights, finite steps."""
+    model = tiny_model(activation_checkpointing=True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = quiet_trainer(
+        callbacks=[SLSAM(rho=0.01, sparsity=0.2, seed=1234)],
+        max_steps=2,
+        precision="bf16-mixed",
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=tiny_data())
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
