@@ -28,6 +28,7 @@ TESTED_IN: dict[str, list[str]] = {
     "data/cifar.py": ["test_data.py"],
     "data/digits.py": ["test_data.py"],
     "data/glue.py": ["test_data.py"],
+    "data/instruction.py": ["test_causal_lm.py"],  # the label mask, the authors' split, packing, bad records
     "data/label_noise.py": ["test_data.py"],
     "data/resumable_loader.py": ["test_faults.py"],  # exact mid-epoch resume with a ResumableDataLoader
     "data/text_tsv.py": ["test_data.py", "test_faults.py"],
@@ -47,6 +48,7 @@ TESTED_IN: dict[str, list[str]] = {
     "methods/sam.py": ["test_methods.py"],
     "methods/slsam.py": ["test_methods.py", "test_slsam_levers.py"],
     "lightning_adapter/mixin.py": ["test_step.py", "test_module_conversion.py"],
+    "models/byte_tokenizer.py": ["test_causal_lm.py"],  # the tiny causal LM's tokenizer
     "models/classifier.py": ["test_models.py"],
     "models/factory.py": ["test_cli.py", "test_faults.py"],  # the configs' image networks, built by slsam-train
     "models/hf_pretrained.py": ["test_models.py", "test_data.py"],  # the bundled MiniLM (minilm_path)

@@ -202,6 +202,12 @@ def train(cfg: DictConfig) -> float:
         method.check_model(module)
     except ValueError as error:
         raise ConfigError(f"method.{error}") from error
+    check_data = getattr(module, "check_data", None)
+    if callable(check_data):  # a model that must match its data (CausalLM: the tokenizer), before any training
+        try:
+            check_data(data)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     stats = RunStats(metric=cfg.metric)

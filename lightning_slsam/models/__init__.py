@@ -1,5 +1,7 @@
 """Ready LightningModules and networks used by the examples and configs."""
 
+from lightning_slsam.models.byte_tokenizer import ByteTokenizer
+from lightning_slsam.models.causal_lm import CausalLM
 from lightning_slsam.models.classifier import Classifier
 from lightning_slsam.models.hf_pretrained import minilm_path
 from lightning_slsam.models.resnet_cifar import ResNetCIFAR, resnet20_cifar
@@ -8,6 +10,8 @@ from lightning_slsam.models.text_classifier import TextClassifier
 from lightning_slsam.models.vision import torchvision_resnet, vit
 
 __all__ = [
+    "ByteTokenizer",
+    "CausalLM",
     "Classifier",
     "ResNetCIFAR",
     "SmallCNN",
