@@ -82,6 +82,133 @@ def _check_top_level(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path!r}")
     _check_run_safety(cfg)
+    _check_accelerator(cfg)
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (the paper experiments' ``trainer=gpu``) on a machine without a GPU is refused
+    before anything is built, with the override that runs on the CPU, instead of Lightning's
+    ``No supported gpu backend found!`` after the model was built."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto")).lower()
+    if accelerator not in ("gpu", "cuda", "mps"):
+        return
+    cuda, mps = CUDAAccelerator.is_available(), MPSAccelerator.is_available()
+    if not {"gpu": cuda or mps, "cuda": cuda, "mps": mps}[accelerator]:
+        choice = HydraConfig.get().runtime.choices.get("trainer")
+        raise ConfigError(
+            f"trainer.accelerator: {accelerator!r} (trainer={choice}) but torch finds no {accelerator.upper()} on this "
+            "machine; add trainer=cpu to the command line to run on the CPU"
+        )
+
+
+def _scheduler_factory(cfg: DictConfig) -> Any:
+    """The ``scheduler`` group's factory, or None for ``scheduler=none``.
+
+    ``scheduler=none`` with an experiment that sets scheduler keys (``scheduler.warmup_steps``) runs at a constant
+    learning rate and warns that those keys do not apply; a ``scheduler.<key>`` given on the command line with
+    ``scheduler=none`` is refused, naming the key, as a contradiction of the user's own making.
+    """
+    node = cfg.get("scheduler")
+    if not node:
+        return None
+    if "_target_" in node:
+        return instantiate_group("scheduler", node)
+    given = [o.lstrip("+~").split("=")[0] for o in HydraConfig.get().overrides.task]
+    for key in node:
+        if f"scheduler.{key}" in given:
+            choice = HydraConfig.get().runtime.choices.get("scheduler")
+            raise ConfigError(
+                f"scheduler.{key}: scheduler={choice} has no such setting (a constant learning rate); pick a "
+                "schedule that has it, e.g. scheduler=cosine or scheduler=linear_warmup"
+            )
+    settings = ", ".join(f"scheduler.{key}={value}" for key, value in node.items())
+    warnings.warn(
+        f"scheduler={HydraConfig.get().runtime.choices.get('scheduler')}: a constant learning rate; the "
+        f"experiment's {settings} does not apply",
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def planned_optimizer_steps(cfg: DictConfig, data: Any) -> int | None:
+    """At most how many optimizer steps the run will take, or None when unknown (no end, no length).
+
+    Counted as Lightning does: ``trainer.limit_train_batches`` of the training loader's batches per epoch, in groups
+    of ``method.accumulate``, times ``trainer.max_epochs``, capped by ``trainer.max_steps``. The loader's length
+    is that of a single process (``data.setup("fit")`` is called here, before the model is built), so under DDP
+    this is an upper bound of each rank's steps.
+    """
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("fast_dev_run"):
+        return None
+    max_steps = trainer.get("max_steps")
+    max_steps = -1 if max_steps is None else int(max_steps)
+    max_epochs = trainer.get("max_epochs")
+    if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps ends the run
+        max_epochs = 1000 if max_steps == -1 else -1
+    if max_epochs == -1:
+        return max_steps if max_steps != -1 else None
+    if not (hasattr(data, "setup") and hasattr(data, "train_dataloader")):
+        return max_steps if max_steps != -1 else None
+    data.setup("fit")
+    try:
+        batches = len(data.train_dataloader())
+    except TypeError:  # an iterable loader without a length
+        return max_steps if max_steps != -1 else None
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, float):  # a fraction of the epoch (1.0: all of it), as Lightning reads a float
+        batches = int(batches * limit)
+    elif limit is not None:  # a number of batches
+        batches = min(batches, int(limit))
+    accumulate = int((cfg.get("method") or {}).get("accumulate", 1) or 1)
+    total = math.ceil(batches / accumulate) * max(int(max_epochs), 1)
+    return min(total, max_steps) if max_steps != -1 else total
+
+
+def _check_warmup_fits(cfg: DictConfig, data: Any) -> None:
+    """A warm-up longer than the run is refused now, naming ``scheduler.warmup_steps``, instead of as a traceback
+    from the scheduler inside ``fit`` (after the model was built). Runs only when the scheduler has a warm-up."""
+    node = cfg.get("scheduler")
+    if not node or "_target_" not in node:
+        return
+    warmup = node.get("warmup_steps")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup <= 0:
+        return  # no warm-up, or a bad value the schedule's own check names
+    if node.get("total_steps") is not None:  # bound in the config
+        total, where = int(node.total_steps), "scheduler.total_steps"
+    elif (cfg.get("model") or {}).get("scheduler_interval", "step") == "epoch":
+        epochs = (cfg.get("trainer") or {}).get("max_epochs")
+        if not isinstance(epochs, int) or epochs < 1:
+            return
+        total, where = epochs, "trainer.max_epochs (the schedule steps once an epoch)"
+    else:
+        planned = planned_optimizer_steps(cfg, data)
+        if planned is None:
+            return
+        total, where = planned, _steps_source(cfg)
+    if warmup > total:
+        raise ConfigError(
+            f"scheduler.warmup_steps: {warmup} warm-up steps do not fit in this run's {total} optimizer steps "
+            f"({where}); lower scheduler.warmup_steps (at most {total}), lengthen the run, or use scheduler=none"
+        )
+
+
+def _steps_source(cfg: DictConfig) -> str:
+    """The keys that set a run's step count, with their values, for :func:`_check_warmup_fits`'s message."""
+    trainer = cfg.get("trainer") or {}
+    keys = [f"trainer.max_epochs={trainer.get('max_epochs')}"]
+    for key in ("max_steps", "limit_train_batches"):
+        if trainer.get(key) not in (None, -1, 1.0):
+            keys.append(f"trainer.{key}={trainer.get(key)}")
+    data = cfg.get("data") or {}
+    keys += [f"data.{key}={data.get(key)}" for key in ("batch_size", "train_limit") if data.get(key) is not None]
+    accumulate = (cfg.get("method") or {}).get("accumulate", 1)
+    if accumulate not in (None, 1):
+        keys.append(f"method.accumulate={accumulate}")
+    return ", ".join(keys)
 
 
 # --- bad inputs caught before training (checkpoint files, label counts, endless runs) --------------------
@@ -196,7 +323,8 @@ def train(cfg: DictConfig) -> float:
     _match_label_count(cfg, data)
     optimizer = instantiate_group("optimizer", cfg.optimizer)
     _check_optimizer(optimizer)
-    scheduler = instantiate_group("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
+    scheduler = _scheduler_factory(cfg)
+    _check_warmup_fits(cfg, data)
     module: pl.LightningModule = instantiate_group("model", cfg.model, optimizer=optimizer, scheduler=scheduler)
     try:  # arguments that depend on the model (SL-SAM's always_active), before any training
         method.check_model(module)
