@@ -34,6 +34,7 @@ from lightning_slsam.app.run_stats import RunStats
 from lightning_slsam.lightning_adapter.callback import SharpnessAware
 from lightning_slsam.lightning_adapter.rng_state import RNGState
 from lightning_slsam.loading.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
+from lightning_slsam.loading.network_access import NetworkUnavailableError
 from lightning_slsam.loading.optional_dependencies import DISTRIBUTION, install_hint
 
 log = logging.getLogger("lightning_slsam")
@@ -434,7 +435,8 @@ def error_line(error: BaseException) -> str | None:
 
     ``ConfigError: <key>: <what is wrong>`` for a :class:`ConfigError` or a missing mandatory value (``???`` in a
     config, such as ``data.path`` of ``experiment=sst2_minilm``); ``ImportError: ...`` for a missing extra (the
-    message names the ``pip install`` to run).
+    message names the ``pip install`` to run); ``ConnectionError: ...`` for weights, a tokenizer or data that had to
+    be fetched without a network (the message names the offline alternative).
     """
     if isinstance(error, ConfigError):
         return "ConfigError: " + " ".join(line.strip() for line in str(error).splitlines())
@@ -443,6 +445,8 @@ def error_line(error: BaseException) -> str | None:
         return f"ConfigError: {key}: no value given; set one on the command line ({key}=...)"
     if isinstance(error, ImportError) and f"{DISTRIBUTION}[" in str(error):
         return "ImportError: " + " ".join(line.strip() for line in str(error).splitlines())
+    if isinstance(error, NetworkUnavailableError):
+        return "ConnectionError: " + " ".join(line.strip() for line in str(error).splitlines())
     return None
 
 
@@ -456,7 +460,7 @@ def main(cfg: DictConfig) -> float:
     """
     try:
         return train(cfg)
-    except (ConfigError, MissingMandatoryValue, ImportError) as error:
+    except (ConfigError, MissingMandatoryValue, ImportError, NetworkUnavailableError) as error:
         line = error_line(error)
         if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

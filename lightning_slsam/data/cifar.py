@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from lightning_slsam.data.resumable_loader import ResumableDataModule
+from lightning_slsam.loading.network_access import NetworkUnavailableError
 
 CIFAR_SIZE = 32
 
@@ -204,7 +205,7 @@ class CIFARDataModule(ResumableDataModule):
                 dataset_class(self.root, train=train, download=True)
         except OSError as error:  # URLError, a refused connection, a DNS failure: the machine is offline
             reason = str(getattr(error, "reason", error)).splitlines()[0] if str(error) else type(error).__name__
-            raise ConnectionError(
+            raise NetworkUnavailableError(
                 f"download: fetching {self.name} into {str(self.root)!r} failed ({reason}); offline, copy the "
                 f"extracted {self.layout.folder}/ under data.root and set data.download=false"
             ) from error

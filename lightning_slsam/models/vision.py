@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
 from lightning_slsam.loading.checkpoint_files import read_torch_file
+from lightning_slsam.loading.network_access import NetworkUnavailableError
 from lightning_slsam.loading.optional_dependencies import import_optional
 from lightning_slsam.models.timm_vit_weights import (
     TIMM_PATCH_SIZE,
@@ -69,7 +71,15 @@ def torchvision_resnet(
     _check_num_classes(num_classes)
     builder = getattr(torchvision.models, name)
     if pretrained:
-        model = builder(weights="DEFAULT")
+        try:
+            model = builder(weights="DEFAULT")
+        except OSError as error:  # URLError and the like: the download failed (urllib does not retry)
+            reason = (str(getattr(error, "reason", error)).strip().splitlines() or [type(error).__name__])[0]
+            raise NetworkUnavailableError(
+                f"pretrained: cannot fetch torchvision's {name} ImageNet weights ({reason}); use "
+                "model.pretrained=false (pretrained=False) for random weights, or copy the file into "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'} on a machine with a network"
+            ) from error
         if num_classes != IMAGENET_CLASSES:
             model.fc = nn.Linear(model.fc.in_features, num_classes)
     else:
