@@ -213,3 +213,26 @@ def test_cifar_train_limit_is_a_declared_key(tmp_path: Path) -> None:
     for data in ("cifar10", "cifar100"):
         cfg = compose_config([f"data={data}", "data.root=x", "data.train_limit=64"], str(tmp_path))
         assert cfg.data.train_limit == 64 and cfg.data.val_fraction == 0.1 and cfg.data.split_seed == 0
+
+
+# --- what the results record says about costs and pinned arms -------------------------------------------------------
+def test_the_second_job_of_a_process_flags_its_cpu_peak_memory_and_slsam_plus_records_its_pinned_arms(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import torch
+
+    from lightning_slsam.app import run_stats
+
+    monkeypatch.setattr(run_stats, "_fits_started", 0)  # as in a fresh process (pytest ran fits before)
+    shared = []
+    for job, method in enumerate(("base", "slsam_plus")):
+        run_dir = tmp_path / str(job)
+        cfg = compose_config([f"method={method}", "data.train_limit=64", *SHRINK], str(run_dir))
+        train(cfg)
+        shared.append(json.loads((run_dir / "result.json").read_text())["peak_memory_shared_process"])
+    assert shared == [False, True]
+    saved = torch.load(tmp_path / "1" / "probabilities.pt", weights_only=False)
+    pinned = saved["pinned_arms"]
+    assert pinned and set(pinned) <= set(saved["arm_names"])
+    assert "net.linear.weight" in pinned and "net.linear.bias" in pinned  # the head
+    assert all(not name.endswith(".weight") or name.startswith("net.linear") or "bn" in name for name in pinned)

@@ -31,6 +31,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from lightning_slsam.app.config_schema import register_schemas
 from lightning_slsam.app.run_stats import RunStats
+from lightning_slsam.engine.arm_groups import select_arms
 from lightning_slsam.lightning_adapter.callback import SharpnessAware
 from lightning_slsam.lightning_adapter.rng_state import RNGState
 from lightning_slsam.loading.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
@@ -411,6 +412,7 @@ def _write_record(
         "median_step_time_s": stats.median_step_time_s,
         "mean_step_time_s": stats.mean_step_time_s,
         "peak_memory_mb": stats.peak_memory_mb,
+        "peak_memory_shared_process": stats.peak_memory_shared_process,
         "active_ratio": method.mean_active_ratio,
         "active_ratio_pass2": method.mean_active_ratio_pass2,
         "passes_per_step": method.mean_passes,
@@ -425,9 +427,24 @@ def _write_record(
     history = method.probability_history()
     if history is not None and method.layout is not None:
         torch.save(
-            {"history": history, "every": method.history_interval, "arm_names": method.layout.names},
+            {
+                "history": history,
+                "every": method.history_interval,
+                "arm_names": method.layout.names,
+                "pinned_arms": _pinned_arms(method, trainer),
+            },
             run_dir / "probabilities.pt",
         )
+
+
+def _pinned_arms(method: SharpnessAware, trainer: pl.Trainer) -> list[str]:
+    """The names of the arms SL-SAM's ``always_active`` pins (probability 1, outside the bandit); [] for none."""
+    groups = getattr(method.options, "always_active", None)
+    module = trainer.lightning_module
+    if not groups or method.layout is None or module is None:
+        return []
+    mask = select_arms(module, method.layout, groups)
+    return [name for name, pinned in zip(method.layout.names, mask.tolist(), strict=True) if pinned]
 
 
 def error_line(error: BaseException) -> str | None:
