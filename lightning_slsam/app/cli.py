@@ -156,8 +156,9 @@ def planned_optimizer_steps(cfg: DictConfig, data: Any) -> int | None:
     if not (hasattr(data, "setup") and hasattr(data, "train_dataloader")):
         return max_steps if max_steps != -1 else None
     data.setup("fit")
-    try:
-        batches = len(data.train_dataloader())
+    try:  # the data modules' own count leaves their checkpointed loader position alone
+        count = getattr(data, "train_batches_per_epoch", None)
+        batches = count() if callable(count) else len(data.train_dataloader())
     except TypeError:  # an iterable loader without a length
         return max_steps if max_steps != -1 else None
     limit = trainer.get("limit_train_batches")
