@@ -236,3 +236,21 @@ def test_the_second_job_of_a_process_flags_its_cpu_peak_memory_and_slsam_plus_re
     assert pinned and set(pinned) <= set(saved["arm_names"])
     assert "net.linear.weight" in pinned and "net.linear.bias" in pinned  # the head
     assert all(not name.endswith(".weight") or name.startswith("net.linear") or "bn" in name for name in pinned)
+
+
+def test_a_vit_image_size_that_differs_from_the_data_is_refused_before_anything_is_built(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("lightning_slsam.models.factory.build_network", _build_nothing)
+    overrides = [o for o in try_out_overrides("vit_cifar10", tmp_path) if o != "data.image_size=32"]
+    cfg = compose_config(overrides, str(tmp_path / "run"))
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    line = _one_line_of(error.value)
+    assert line.startswith("ConfigError: data.image_size: 224 but model.image_size=32 (vit_small takes images")
+
+
+def _one_line_of(error: BaseException) -> str:
+    line = error_line(error)
+    assert line is not None and "\n" not in line
+    return line

@@ -105,6 +105,24 @@ def _check_accelerator(cfg: DictConfig) -> None:
         )
 
 
+#: networks that take images of exactly ``model.image_size`` pixels (their position embedding has one grid size)
+FIXED_SIZE_ARCHES = ("vit_tiny", "vit_small", "deit_small")
+
+
+def _match_image_size(cfg: DictConfig) -> None:
+    """A ViT's ``model.image_size`` must equal ``data.image_size``; refused now, naming both keys, instead of as
+    torchvision's ``Wrong image height!`` from inside the first validation step."""
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    if model.get("arch") not in FIXED_SIZE_ARCHES or "image_size" not in model or "image_size" not in data:
+        return
+    if model.image_size != data.image_size:
+        raise ConfigError(
+            f"data.image_size: {data.image_size} but model.image_size={model.image_size} ({model.arch} takes images "
+            f"of exactly model.image_size pixels); set both, e.g. model.image_size={data.image_size} or "
+            f"data.image_size={model.image_size}"
+        )
+
+
 def _scheduler_factory(cfg: DictConfig) -> Any:
     """The ``scheduler`` group's factory, or None for ``scheduler=none``.
 
@@ -322,6 +340,7 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # cheap constructors first, so a bad value fails before a model is built or data is read
     method: SharpnessAware = instantiate_group("method", cfg.method)
+    _match_image_size(cfg)
     data: pl.LightningDataModule = instantiate_group("data", cfg.data)
     _match_label_count(cfg, data)
     optimizer = instantiate_group("optimizer", cfg.optimizer)
