@@ -100,7 +100,7 @@ def fake_cifar10(root: Path, per_batch: int = 4, test_size: int = 6) -> Path:
 
 def test_cifar10_stand_in_loads_and_normalises(tmp_path: Path) -> None:
     folder = fake_cifar10(tmp_path)
-    data = CIFARDataModule(root=str(tmp_path), batch_size=4, augment=True)
+    data = CIFARDataModule(root=str(tmp_path), batch_size=4, augment=True, val_fraction=0.0)
     assert data.num_classes == 10
     data.setup()
     assert data.train_set is not None and data.val_set is data.test_set and data.test_set is not None
@@ -126,6 +126,24 @@ def test_cifar_held_out_validation_resize_and_root_as_the_folder(tmp_path: Path)
     images, _ = next(iter(data.val_dataloader()))
     assert images.shape == (4, 3, 48, 48) and images.min() >= -1.0 and images.max() <= 1.0
     assert next(iter(data.test_dataloader()))[0].shape == (4, 3, 48, 48)
+
+
+def test_cifar_holds_out_validation_by_default_the_same_images_for_every_seed(tmp_path: Path) -> None:
+    fake_cifar10(tmp_path, per_batch=8)  # 40 training images
+    held_out = []
+    for seed in (0, 1):
+        data = CIFARDataModule(root=str(tmp_path), batch_size=4, augment=False, seed=seed, train_limit=20)
+        data.setup()
+        assert data.val_set is not None and data.val_set is not data.test_set and len(data.val_set) == 4
+        assert data.train_set is not None and len(data.train_set) == 20
+        train_rows = {tuple(image.flatten().tolist()[:16]) for image in data.train_set.images}
+        val_rows = {tuple(image.flatten().tolist()[:16]) for image in data.val_set.images}
+        assert not train_rows & val_rows, "a validation image is also trained on"
+        held_out.append(data.val_set.images)
+    assert torch.equal(held_out[0], held_out[1]), "the held-out images changed with the seed"
+    other = CIFARDataModule(root=str(tmp_path), batch_size=4, split_seed=1)
+    other.setup()
+    assert other.val_set is not None and not torch.equal(other.val_set.images, held_out[0])
 
 
 def test_cifar100_stand_in(tmp_path: Path) -> None:

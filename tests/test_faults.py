@@ -262,6 +262,7 @@ RUN = [
     f"data.train_limit={8 * STEPS_PER_EPOCH}",
     "data.batch_size=8",
     "scheduler=cosine",  # its total_steps reads estimated_stepping_batches: Lightning issue 20550's path
+    "scheduler.warmup_steps=1",  # slsam-train counts the run's steps before the model is built: the position holds
     f"trainer.max_epochs={EPOCHS}",
     "trainer.limit_val_batches=1",
     "trainer.deterministic=true",

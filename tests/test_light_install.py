@@ -247,3 +247,39 @@ def test_import_optional_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
         import_optional("sklearn.datasets", "DigitsDataModule")
     assert install_hint("sklearn.datasets") == "pip install 'lightning-slsam[app]'"
     assert install_hint("torch") is None
+
+
+def test_an_optional_package_older_than_the_extra_allows_is_named_with_its_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lightning_utilities.core.imports as lightning_imports
+
+    from lightning_slsam.loading import optional_dependencies
+
+    def old_sklearn(package: str) -> str:
+        return "1.0.2" if package == "scikit-learn" else real_version(package)
+
+    real_version = optional_dependencies.version
+    monkeypatch.setattr(lightning_imports, "_version", old_sklearn)  # what RequirementCache reads
+    monkeypatch.setattr(optional_dependencies, "version", old_sklearn)
+    with pytest.raises(ImportError) as error:
+        import_optional("sklearn.datasets", "DigitsDataModule")
+    assert str(error.value) == (
+        "DigitsDataModule needs scikit-learn>=1.3, found scikit-learn 1.0.2: pip install -U 'scikit-learn>=1.3' "
+        "(or pip install 'lightning-slsam[app]')"
+    )
+    assert import_optional("rich", "the progress bar").__name__ == "rich"  # the others still import
+
+
+def test_minimum_versions_are_the_bounds_of_the_extras() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from lightning_slsam.loading.optional_dependencies import MINIMUM_VERSIONS
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    bounds = {}
+    for requirement in (r for extra in extras.values() for r in extra):
+        name, _, minimum = requirement.partition(">=")
+        bounds[name.strip()] = minimum.split(",")[0].strip()
+    assert {package for package, _ in OPTIONAL_MODULES.values()} == set(MINIMUM_VERSIONS)
+    for package, minimum in MINIMUM_VERSIONS.items():
+        assert bounds[package] == minimum, package

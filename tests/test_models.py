@@ -29,6 +29,7 @@ from lightning_slsam.models import (
     torchvision_resnet,
     vit,
 )
+from lightning_slsam.models.factory import image_classifier
 from lightning_slsam.models.resnet_cifar import PACKAGED_RESNET20_WEIGHTS
 from lightning_slsam.models.text_classifier import build_metric
 from lightning_slsam.models.timm_vit_weights import TIMM_VIT_MODELS
@@ -243,6 +244,47 @@ def test_vit_pretrained_loads_timm_weights_through_a_stand_in_timm(monkeypatch: 
     assert torch.equal(resized.encoder.pos_embedding[:, 0], source.encoder.pos_embedding[:, 0])
     assert torch.equal(resized.conv_proj.weight, source.conv_proj.weight)
     assert resized.heads.head.weight.shape == (10, 192) and not resized.heads.head.weight.any()  # new head
+
+
+@pytest.mark.parametrize("form", ["timm.safetensors", "timm.pt", "torchvision.pt"])
+def test_vit_loads_a_local_weights_file_with_no_network(form: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # a weights file needs neither timm nor a network
+    torch.manual_seed(0)
+    source = vit("vit_tiny", num_classes=1000, image_size=32, patch_size=16)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(std=0.02)
+    names, suffix = form.split(".")
+    state = _timm_names_from_torchvision(source.state_dict()) if names == "timm" else source.state_dict()
+    path = tmp_path / f"weights.{suffix}"
+    if suffix == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    model = vit("vit_tiny", num_classes=10, image_size=64, patch_size=16, weights=str(path))
+    assert torch.equal(model.conv_proj.weight, source.conv_proj.weight)
+    assert torch.equal(
+        model.encoder.layers[3].self_attention.in_proj_weight, source.encoder.layers[3].self_attention.in_proj_weight
+    )
+    assert model.encoder.pos_embedding.shape == (1, 1 + 4 * 4, 192)  # resampled to the 4x4 grid
+    assert model.heads.head.weight.shape == (10, 192) and not model.heads.head.weight.any()  # a new head
+    classifier = image_classifier("vit_tiny", num_classes=10, image_size=64, patch_size=16, weights=str(path))
+    assert torch.equal(classifier.net.conv_proj.weight, source.conv_proj.weight)
+
+
+def test_vit_weights_file_errors_name_the_argument(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^weights: no file"):
+        vit("vit_tiny", image_size=32, patch_size=16, weights=str(tmp_path / "missing.safetensors"))
+    other = tmp_path / "small.pt"
+    torch.save(vit("vit_tiny", image_size=32, patch_size=8).state_dict(), other)
+    with pytest.raises(ValueError, match=r"^weights: .*small\.pt.* does not fit vit_small"):
+        vit("vit_small", image_size=32, patch_size=8, weights=str(other))
+    with pytest.raises(ValueError, match=r"^weights: .*not both"):
+        vit("vit_tiny", patch_size=16, pretrained=True, weights=str(other))
+    with pytest.raises(ValueError, match=r"^weights: .*not resnet18"):
+        image_classifier("resnet18", num_classes=10, weights=str(other))
 
 
 def test_vit_pretrained_matches_timm_outputs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -538,3 +538,81 @@ def test_script_entry_point_exit_code(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "nowhere" in result.stderr
+
+
+# --- costs that cannot be compared, and pinned arms ------------------------------------------------------------------
+def _write_run(root: Path, name: str, **record: Any) -> None:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"experiment": "e", "seed": 0, "best_metric": 0.5, **record}))
+
+
+def test_a_peak_measured_in_a_shared_process_is_left_out_and_the_notes_say_why(tmp_path: Path) -> None:
+    """A 2-job multirun on a CPU: the second job's peak RSS growth (3.8 MiB) is not its footprint."""
+    _write_run(tmp_path, "0_sam", method="sam", method_label="sam", peak_memory_mb=251.7)
+    _write_run(
+        tmp_path, "1_slsam", method="slsam", method_label="slsam", peak_memory_mb=3.8, peak_memory_shared_process=True
+    )
+    rows = {row["method_label"]: row for row in summarize(load_records(tmp_path))}
+    assert rows["sam"]["peak_memory_mb"] == 251.7 and rows["sam"]["peak_memory_shared_runs"] == 0
+    assert rows["slsam"]["peak_memory_mb"] is None and rows["slsam"]["peak_memory_shared_runs"] == 1
+    cells = {c[1]: c for c in parse_table(markdown_table(list(rows.values())))}
+    assert cells["sam"][7] == "251.7" and cells["slsam"][7] == "n/a"
+    text = write_report(tmp_path).read_text()
+    assert "- peak memory of `slsam` is n/a: 1 of 1 run(s) ran on the CPU in a process that had already run" in text
+    assert "peak memory of `sam`" not in text
+
+
+def test_without_a_base_run_the_notes_give_the_reason_and_the_step_times(tmp_path: Path) -> None:
+    _write_run(tmp_path, "0_sam", method="sam", method_label="sam", median_step_time_s=0.0123)
+    _write_run(tmp_path, "1_slsam", method="slsam", method_label="slsam", median_step_time_s=0.0081)
+    text = write_report(tmp_path).read_text()
+    assert (
+        "- step time / base is n/a: no `base` run in this experiment; median step times: `sam` 12.30 ms, "
+        "`slsam` 8.10 ms" in text
+    )
+
+
+def test_with_a_base_run_an_untimed_one_is_explained_not_blamed_on_the_base(tmp_path: Path) -> None:
+    _write_run(tmp_path, "0_base", method="base", method_label="base", median_step_time_s=None)
+    _write_run(tmp_path, "1_sam", method="sam", method_label="sam", median_step_time_s=0.02)
+    text = write_report(tmp_path).read_text()
+    assert "no `base` run" not in text
+    assert "- step time / base is n/a: the `base` runs timed no step" in text
+    timed_root = tmp_path / "timed"
+    _write_run(timed_root, "0_base", method="base", method_label="base", median_step_time_s=0.01)
+    _write_run(timed_root, "1_sam", method="sam", method_label="sam", median_step_time_s=None)
+    text = write_report(timed_root).read_text()
+    assert "- base median step time: 10.00 ms" in text
+    assert "- step time n/a for `sam`: no timed step" in text
+
+
+def test_heatmap_marks_the_pinned_arms(tmp_path: Path) -> None:
+    names = [f"layer{i}.weight" for i in range(2 * MAX_LABELLED_ARMS)] + ["head.weight", "head.bias"]
+    _save_history(tmp_path / "run", names)
+    data = torch.load(tmp_path / "run" / "probabilities.pt", weights_only=True)
+    data["pinned_arms"] = ["head.weight", "head.bias", "layer1.weight"]  # layer1 falls between the ticks
+    torch.save(data, tmp_path / "run" / "probabilities.pt")
+    figure = _probability_figure(tmp_path / "run")
+    labels = _tick_labels(figure)
+    (ax, _colorbar) = figure.axes
+    pinned = [label for label in ax.get_yticklabels() if label.get_text().endswith(" [pinned]")]
+    assert [label.get_text() for label in pinned] == [
+        "layer1.weight [pinned]",
+        "head.weight [pinned]",
+        "head.bias [pinned]",
+    ]
+    assert all(to_hex(label.get_color()) == to_hex("tab:red") for label in pinned)
+    assert "layer3.weight" in labels and "layer2.weight" not in labels  # every 3rd arm named, and the pinned ones
+    (marker,) = [line for line in ax.get_lines() if line.get_marker() == ">"]
+    assert sorted(marker.get_ydata()) == sorted(names.index(n) for n in data["pinned_arms"])
+    unpinned = _probability_figure(_copy_without_pins(tmp_path))
+    assert not [line for line in unpinned.axes[0].get_lines() if line.get_marker() == ">"]
+
+
+def _copy_without_pins(tmp_path: Path) -> Path:
+    data = torch.load(tmp_path / "run" / "probabilities.pt", weights_only=True)
+    data.pop("pinned_arms")
+    (tmp_path / "plain").mkdir()
+    torch.save(data, tmp_path / "plain" / "probabilities.pt")
+    return tmp_path / "plain"

@@ -31,9 +31,11 @@ from omegaconf.errors import MissingMandatoryValue
 
 from lightning_slsam.app.config_schema import register_schemas
 from lightning_slsam.app.run_stats import RunStats
+from lightning_slsam.engine.arm_groups import select_arms
 from lightning_slsam.lightning_adapter.callback import SharpnessAware
 from lightning_slsam.lightning_adapter.rng_state import RNGState
 from lightning_slsam.loading.checkpoint_files import CheckpointFileError, check_lightning_checkpoint
+from lightning_slsam.loading.network_access import NetworkUnavailableError
 from lightning_slsam.loading.optional_dependencies import DISTRIBUTION, install_hint
 
 log = logging.getLogger("lightning_slsam")
@@ -82,6 +84,152 @@ def _check_top_level(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {cfg.ckpt_path!r}")
     _check_run_safety(cfg)
+    _check_accelerator(cfg)
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (the paper experiments' ``trainer=gpu``) on a machine without a GPU is refused
+    before anything is built, with the override that runs on the CPU, instead of Lightning's
+    ``No supported gpu backend found!`` after the model was built."""
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto")).lower()
+    if accelerator not in ("gpu", "cuda", "mps"):
+        return
+    cuda, mps = CUDAAccelerator.is_available(), MPSAccelerator.is_available()
+    if not {"gpu": cuda or mps, "cuda": cuda, "mps": mps}[accelerator]:
+        choice = HydraConfig.get().runtime.choices.get("trainer")
+        raise ConfigError(
+            f"trainer.accelerator: {accelerator!r} (trainer={choice}) but torch finds no {accelerator.upper()} on this "
+            "machine; add trainer=cpu to the command line to run on the CPU"
+        )
+
+
+#: networks that take images of exactly ``model.image_size`` pixels (their position embedding has one grid size)
+FIXED_SIZE_ARCHES = ("vit_tiny", "vit_small", "deit_small")
+
+
+def _match_image_size(cfg: DictConfig) -> None:
+    """A ViT's ``model.image_size`` must equal ``data.image_size``; refused now, naming both keys, instead of as
+    torchvision's ``Wrong image height!`` from inside the first validation step."""
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    if model.get("arch") not in FIXED_SIZE_ARCHES or "image_size" not in model or "image_size" not in data:
+        return
+    if model.image_size != data.image_size:
+        raise ConfigError(
+            f"data.image_size: {data.image_size} but model.image_size={model.image_size} ({model.arch} takes images "
+            f"of exactly model.image_size pixels); set both, e.g. model.image_size={data.image_size} or "
+            f"data.image_size={model.image_size}"
+        )
+
+
+def _scheduler_factory(cfg: DictConfig) -> Any:
+    """The ``scheduler`` group's factory, or None for ``scheduler=none``.
+
+    ``scheduler=none`` with an experiment that sets scheduler keys (``scheduler.warmup_steps``) runs at a constant
+    learning rate and warns that those keys do not apply; a ``scheduler.<key>`` given on the command line with
+    ``scheduler=none`` is refused, naming the key, as a contradiction of the user's own making.
+    """
+    node = cfg.get("scheduler")
+    if not node:
+        return None
+    if "_target_" in node:
+        return instantiate_group("scheduler", node)
+    given = [o.lstrip("+~").split("=")[0] for o in HydraConfig.get().overrides.task]
+    for key in node:
+        if f"scheduler.{key}" in given:
+            choice = HydraConfig.get().runtime.choices.get("scheduler")
+            raise ConfigError(
+                f"scheduler.{key}: scheduler={choice} has no such setting (a constant learning rate); pick a "
+                "schedule that has it, e.g. scheduler=cosine or scheduler=linear_warmup"
+            )
+    settings = ", ".join(f"scheduler.{key}={value}" for key, value in node.items())
+    warnings.warn(
+        f"scheduler={HydraConfig.get().runtime.choices.get('scheduler')}: a constant learning rate; the "
+        f"experiment's {settings} does not apply",
+        UserWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def planned_optimizer_steps(cfg: DictConfig, data: Any) -> int | None:
+    """At most how many optimizer steps the run will take, or None when unknown (no end, no length).
+
+    Counted as Lightning does: ``trainer.limit_train_batches`` of the training loader's batches per epoch, in groups
+    of ``method.accumulate``, times ``trainer.max_epochs``, capped by ``trainer.max_steps``. The loader's length
+    is that of a single process (``data.setup("fit")`` is called here, before the model is built), so under DDP
+    this is an upper bound of each rank's steps.
+    """
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("fast_dev_run"):
+        return None
+    max_steps = trainer.get("max_steps")
+    max_steps = -1 if max_steps is None else int(max_steps)
+    max_epochs = trainer.get("max_epochs")
+    if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps ends the run
+        max_epochs = 1000 if max_steps == -1 else -1
+    if max_epochs == -1:
+        return max_steps if max_steps != -1 else None
+    if not (hasattr(data, "setup") and hasattr(data, "train_dataloader")):
+        return max_steps if max_steps != -1 else None
+    data.setup("fit")
+    try:  # the data modules' own count leaves their checkpointed loader position alone
+        count = getattr(data, "train_batches_per_epoch", None)
+        batches = count() if callable(count) else len(data.train_dataloader())
+    except TypeError:  # an iterable loader without a length
+        return max_steps if max_steps != -1 else None
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, float):  # a fraction of the epoch (1.0: all of it), as Lightning reads a float
+        batches = int(batches * limit)
+    elif limit is not None:  # a number of batches
+        batches = min(batches, int(limit))
+    accumulate = int((cfg.get("method") or {}).get("accumulate", 1) or 1)
+    total = math.ceil(batches / accumulate) * max(int(max_epochs), 1)
+    return min(total, max_steps) if max_steps != -1 else total
+
+
+def _check_warmup_fits(cfg: DictConfig, data: Any) -> None:
+    """A warm-up longer than the run is refused now, naming ``scheduler.warmup_steps``, instead of as a traceback
+    from the scheduler inside ``fit`` (after the model was built). Runs only when the scheduler has a warm-up."""
+    node = cfg.get("scheduler")
+    if not node or "_target_" not in node:
+        return
+    warmup = node.get("warmup_steps")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup <= 0:
+        return  # no warm-up, or a bad value the schedule's own check names
+    if node.get("total_steps") is not None:  # bound in the config
+        total, where = int(node.total_steps), "scheduler.total_steps"
+    elif (cfg.get("model") or {}).get("scheduler_interval", "step") == "epoch":
+        epochs = (cfg.get("trainer") or {}).get("max_epochs")
+        if not isinstance(epochs, int) or epochs < 1:
+            return
+        total, where = epochs, "trainer.max_epochs (the schedule steps once an epoch)"
+    else:
+        planned = planned_optimizer_steps(cfg, data)
+        if planned is None:
+            return
+        total, where = planned, _steps_source(cfg)
+    if warmup > total:
+        raise ConfigError(
+            f"scheduler.warmup_steps: {warmup} warm-up steps do not fit in this run's {total} optimizer steps "
+            f"({where}); lower scheduler.warmup_steps (at most {total}), lengthen the run, or use scheduler=none"
+        )
+
+
+def _steps_source(cfg: DictConfig) -> str:
+    """The keys that set a run's step count, with their values, for :func:`_check_warmup_fits`'s message."""
+    trainer = cfg.get("trainer") or {}
+    keys = [f"trainer.max_epochs={trainer.get('max_epochs')}"]
+    for key in ("max_steps", "limit_train_batches"):
+        if trainer.get(key) not in (None, -1, 1.0):
+            keys.append(f"trainer.{key}={trainer.get(key)}")
+    data = cfg.get("data") or {}
+    keys += [f"data.{key}={data.get(key)}" for key in ("batch_size", "train_limit") if data.get(key) is not None]
+    accumulate = (cfg.get("method") or {}).get("accumulate", 1)
+    if accumulate not in (None, 1):
+        keys.append(f"method.accumulate={accumulate}")
+    return ", ".join(keys)
 
 
 # --- bad inputs caught before training (checkpoint files, label counts, endless runs) --------------------
@@ -192,11 +340,13 @@ def train(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # cheap constructors first, so a bad value fails before a model is built or data is read
     method: SharpnessAware = instantiate_group("method", cfg.method)
+    _match_image_size(cfg)
     data: pl.LightningDataModule = instantiate_group("data", cfg.data)
     _match_label_count(cfg, data)
     optimizer = instantiate_group("optimizer", cfg.optimizer)
     _check_optimizer(optimizer)
-    scheduler = instantiate_group("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
+    scheduler = _scheduler_factory(cfg)
+    _check_warmup_fits(cfg, data)
     module: pl.LightningModule = instantiate_group("model", cfg.model, optimizer=optimizer, scheduler=scheduler)
     try:  # arguments that depend on the model (SL-SAM's always_active), before any training
         method.check_model(module)
@@ -288,6 +438,7 @@ def _write_record(
         "median_step_time_s": stats.median_step_time_s,
         "mean_step_time_s": stats.mean_step_time_s,
         "peak_memory_mb": stats.peak_memory_mb,
+        "peak_memory_shared_process": stats.peak_memory_shared_process,
         "active_ratio": method.mean_active_ratio,
         "active_ratio_pass2": method.mean_active_ratio_pass2,
         "passes_per_step": method.mean_passes,
@@ -302,9 +453,24 @@ def _write_record(
     history = method.probability_history()
     if history is not None and method.layout is not None:
         torch.save(
-            {"history": history, "every": method.history_interval, "arm_names": method.layout.names},
+            {
+                "history": history,
+                "every": method.history_interval,
+                "arm_names": method.layout.names,
+                "pinned_arms": _pinned_arms(method, trainer),
+            },
             run_dir / "probabilities.pt",
         )
+
+
+def _pinned_arms(method: SharpnessAware, trainer: pl.Trainer) -> list[str]:
+    """The names of the arms SL-SAM's ``always_active`` pins (probability 1, outside the bandit); [] for none."""
+    groups = getattr(method.options, "always_active", None)
+    module = trainer.lightning_module
+    if not groups or method.layout is None or module is None:
+        return []
+    mask = select_arms(module, method.layout, groups)
+    return [name for name, pinned in zip(method.layout.names, mask.tolist(), strict=True) if pinned]
 
 
 def error_line(error: BaseException) -> str | None:
@@ -312,7 +478,8 @@ def error_line(error: BaseException) -> str | None:
 
     ``ConfigError: <key>: <what is wrong>`` for a :class:`ConfigError` or a missing mandatory value (``???`` in a
     config, such as ``data.path`` of ``experiment=sst2_minilm``); ``ImportError: ...`` for a missing extra (the
-    message names the ``pip install`` to run).
+    message names the ``pip install`` to run); ``ConnectionError: ...`` for weights, a tokenizer or data that had to
+    be fetched without a network (the message names the offline alternative).
     """
     if isinstance(error, ConfigError):
         return "ConfigError: " + " ".join(line.strip() for line in str(error).splitlines())
@@ -321,6 +488,8 @@ def error_line(error: BaseException) -> str | None:
         return f"ConfigError: {key}: no value given; set one on the command line ({key}=...)"
     if isinstance(error, ImportError) and f"{DISTRIBUTION}[" in str(error):
         return "ImportError: " + " ".join(line.strip() for line in str(error).splitlines())
+    if isinstance(error, NetworkUnavailableError):
+        return "ConnectionError: " + " ".join(line.strip() for line in str(error).splitlines())
     return None
 
 
@@ -334,7 +503,7 @@ def main(cfg: DictConfig) -> float:
     """
     try:
         return train(cfg)
-    except (ConfigError, MissingMandatoryValue, ImportError) as error:
+    except (ConfigError, MissingMandatoryValue, ImportError, NetworkUnavailableError) as error:
         line = error_line(error)
         if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

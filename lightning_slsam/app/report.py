@@ -220,10 +220,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ``seeds`` (sorted), ``metric_mean`` / ``metric_std`` (``best_metric``; sample std, 0 for one run),
     ``final_metric_mean``, ``median_step_time_s`` (median of the runs' medians: a run slowed by a busy machine does
     not move it), ``step_time_ratio`` (that over the same median of the experiment's ``base`` runs; None without a
-    base run), ``active_ratio``,
-    ``active_ratio_pass2``, ``passes_per_step``, ``peak_memory_mb``, ``steps`` (means; None where no record has the
-    key), ``run_dirs`` (aligned with ``seeds``; None for a record without one) and ``has_probabilities`` (some run
-    wrote ``probabilities.pt``, or holds a ``probabilities`` history, as records from a summary do).
+    base run), ``active_ratio``, ``active_ratio_pass2``, ``passes_per_step``, ``peak_memory_mb``, ``steps`` (means;
+    None where no record has the key; ``peak_memory_mb`` only over the runs not flagged
+    ``peak_memory_shared_process``), ``peak_memory_shared_runs`` (how many runs were left out of it), ``run_dirs``
+    (aligned with ``seeds``; None for a record without one) and ``has_probabilities`` (some run wrote
+    ``probabilities.pt``, or holds a ``probabilities`` history, as records from a summary do).
     """
     groups: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
     for record in records:
@@ -268,7 +269,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "active_ratio": _mean(_numbers(runs, "active_ratio")),
                 "active_ratio_pass2": _mean(_numbers(runs, "active_ratio_pass2")),
                 "passes_per_step": _mean(_numbers(runs, "passes_per_step")),
-                "peak_memory_mb": _mean(_numbers(runs, "peak_memory_mb")),
+                # a CPU peak measured in a process that had run an earlier job is not the run's footprint
+                "peak_memory_mb": _mean(_numbers(_own_process(runs), "peak_memory_mb")),
+                "peak_memory_shared_runs": len(runs) - len(_own_process(runs)),
                 "steps": _mean(_numbers(runs, "steps")),
                 "run_dirs": [r.get("run_dir") for r in runs],
                 "has_probabilities": any(_has_probabilities(r) for r in runs),
@@ -278,6 +281,12 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         key=lambda row: (_experiment_key(row["experiment"]), _method_sort_key(row["method"], row["method_label"]))
     )
     return rows
+
+
+def _own_process(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose peak memory was measured for them alone (``peak_memory_shared_process`` not true; records
+    written before that key existed count as their own)."""
+    return [r for r in runs if r.get("peak_memory_shared_process") is not True]
 
 
 def _has_probabilities(record: dict[str, Any]) -> bool:
@@ -465,10 +474,22 @@ def _probability_figure(run_dir: str | Path, title: str | None = None) -> Any:
     history = torch.as_tensor(data["history"]).detach().to(torch.float32).numpy()
     if title is None:
         title = _run_title(Path(run_dir))
-    return _history_figure(history, int(data.get("every") or 1), data.get("arm_names"), title)
+    pinned = data.get("pinned_arms")
+    return _history_figure(history, int(data.get("every") or 1), data.get("arm_names"), title, pinned)
 
 
-def _history_figure(history: Any, every: int, arm_names: Sequence[Any] | None, title: str) -> Any:
+#: what a pinned arm's y tick label ends with, and the colour of its label and marker
+PINNED_SUFFIX = " [pinned]"
+PINNED_COLOR = "tab:red"
+
+
+def _history_figure(
+    history: Any,
+    every: int,
+    arm_names: Sequence[Any] | None,
+    title: str,
+    pinned_arms: Sequence[str] | None = None,
+) -> Any:
     """The figure of :func:`plot_probability_history`, or None for an empty history."""
     import numpy as np
 
@@ -500,12 +521,29 @@ def _history_figure(history: Any, every: int, arm_names: Sequence[Any] | None, t
         vmin=0.0,
         vmax=max(float(finite.max()), 1e-12) if finite.size else 1.0,
     )
+    pinned = [i for i, name in enumerate(names) if name in set(pinned_arms or ())] if named else []
     if named:
-        ticks = list(range(0, arms, stride))
-        ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=8 if arms <= 12 else 7 if arms <= 40 else 6)
+        # every pinned arm gets a tick, whatever the stride, so that none goes unmarked
+        ticks = sorted(set(range(0, arms, stride)) | set(pinned))
+        labels = [names[i] + (PINNED_SUFFIX if i in pinned else "") for i in ticks]
+        ax.set_yticks(ticks, labels, fontsize=8 if arms <= 12 else 7 if arms <= 40 else 6)
+        for tick, index in zip(ax.get_yticklabels(), ticks, strict=True):
+            if index in pinned:
+                tick.set_color(PINNED_COLOR)
         ax.set_ylabel("arm" if stride == 1 else f"arm (every {stride}th named)")
     else:
         ax.set_ylabel("arm index (the record holds no arm names)")
+    if pinned:  # a marker left of each pinned arm's row, outside the plot
+        ax.plot(
+            [-0.5 * every] * len(pinned),
+            pinned,
+            linestyle="none",
+            marker=">",
+            color=PINNED_COLOR,
+            clip_on=False,
+            label="pinned (always_active): p = 1, not sampled",
+        )
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
     ax.set_xlabel("training step")
     ax.set_title(title, fontsize=10)
     figure.colorbar(image, ax=ax, label="sampling probability", fraction=0.05, pad=0.02)
@@ -541,6 +579,7 @@ def plot_probability_history(
     every: int = 1,
     arm_names: Sequence[str] | None = None,
     title: str = "arm sampling probabilities",
+    pinned_arms: Sequence[str] | None = None,
 ) -> bool:
     """Heatmap of a per-arm probability history, saved as PNG at ``path``.
 
@@ -552,11 +591,13 @@ def plot_probability_history(
         arm_names: one name per arm for the y axis (every arm named up to :data:`MAX_LABELLED_ARMS`, every k-th
             beyond); without them (or with a count that does not match) the axis shows arm indices.
         title: the figure's title.
+        pinned_arms: names of the arms SL-SAM's ``always_active`` pinned (probability 1, outside the bandit): their
+            labels end with ``[pinned]`` in red and a red marker sits left of their rows (default None: none).
 
     Returns:
         False (writing nothing) for an empty history, True otherwise.
     """
-    figure = _history_figure(history, every, arm_names, title)
+    figure = _history_figure(history, every, arm_names, title, pinned_arms)
     if figure is None:
         return False
     _save(figure, path)
@@ -573,6 +614,7 @@ def _record_heatmap(record: dict[str, Any], path: Path) -> bool:
             every=int(kept.get("every") or 1),
             arm_names=kept.get("arm_names"),
             title=_record_title(record),
+            pinned_arms=kept.get("pinned_arms"),
         )
     return plot_probability_heatmap(record["run_dir"], path)
 
@@ -620,11 +662,7 @@ def _notes(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) ->
         metric_names = sorted({row["metric_name"] for row in group})
         lines.append(f"- metric: {', '.join(f'`{m}`' for m in metric_names)} (best over validation epochs)")
         lines.append(f"- {runs} run(s) of {len(group)} method(s)")
-        base = next((row for row in group if row["method"] == "base"), None)
-        if base is None:
-            lines.append("- no `base` run: step time ratios are n/a")
-        elif base["median_step_time_s"] is not None:
-            lines.append(f"- base median step time: {1e3 * base['median_step_time_s']:.2f} ms")
+        lines += _cost_notes(group)
         all_seeds = sorted({seed for row in group for seed in row["seeds"]}, key=_seed_key)
         lines.append(f"- seeds in this experiment: {_seed_list(all_seeds)}")
         for row in group:
@@ -642,6 +680,40 @@ def _notes(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) ->
         if devices:
             lines.append(f"- device(s): {', '.join(devices)}")
         lines.append("")
+    return lines
+
+
+def _ms(seconds: float | None) -> str:
+    return NA if seconds is None else f"{1e3 * seconds:.2f} ms"
+
+
+def _cost_notes(group: Sequence[dict[str, Any]]) -> list[str]:
+    """Why a ``step time / base`` or a peak memory cell of this experiment is n/a, with the median step times
+    themselves when there is no ratio to show them."""
+    lines: list[str] = []
+    base = next((row for row in group if row["method"] == "base"), None)
+    untimed = [f"`{row['method_label']}`" for row in group if row["median_step_time_s"] is None]
+    if base is None:
+        times = ", ".join(f"`{row['method_label']}` {_ms(row['median_step_time_s'])}" for row in group)
+        lines.append(f"- step time / base is n/a: no `base` run in this experiment; median step times: {times}")
+    elif base["median_step_time_s"] is None:
+        lines.append(
+            "- step time / base is n/a: the `base` runs timed no step (the first 2 optimizer steps of a run are "
+            "left out as warm-up, so a run needs at least 3)"
+        )
+    else:
+        lines.append(f"- base median step time: {_ms(base['median_step_time_s'])}")
+        if untimed:
+            lines.append(f"- step time n/a for {', '.join(untimed)}: no timed step (runs of at most 2 steps)")
+    shared = [row for row in group if row.get("peak_memory_shared_runs")]
+    for row in shared:
+        left_out = f"{row['peak_memory_shared_runs']} of {row['runs']} run(s)"
+        what = "n/a" if row["peak_memory_mb"] is None else "the mean of the other runs"
+        lines.append(
+            f"- peak memory of `{row['method_label']}` is {what}: {left_out} ran on the CPU in a process that had "
+            "already run an earlier job (a multirun's later jobs), whose peak RSS cannot be reset; run an arm as its "
+            "own `slsam-train` command to measure it"
+        )
     return lines
 
 
@@ -724,8 +796,8 @@ def _write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> t
         "over runs of each run's median optimizer step time, relative to the same figure of the `base` runs of the "
         "same experiment (runs in one sweep run one after another, so a busy machine slows some runs: compare "
         "costs with `experiments/bench_step.py`, which interleaves the methods). Peak memory is each run's "
-        "process peak-RSS growth; runs of a multirun share one process, so only a sweep's first run shows the "
-        "model's footprint.",
+        "process peak-RSS growth on a CPU (max allocated on a GPU); runs of a multirun share one process, so on a "
+        "CPU only a sweep's first run measures its own footprint and the later runs are left out (see the notes).",
         "",
         "## Results",
         "",

@@ -11,6 +11,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+#: fits started in this process (a Hydra multirun runs its jobs one after another in one process)
+_fits_started = 0
+
 
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -27,8 +30,11 @@ class RunStats(pl.Callback):
 
     Step time covers ``on_train_batch_start`` to ``on_train_batch_end`` of batches that ended with an
     optimizer step (with accumulation, the buffered micro-batches' time is added to their step), with a
-    CUDA synchronisation at both ends on a GPU. Peak memory is CUDA's max allocated (MiB) on a GPU, else
-    the growth of the process's peak RSS during fit (MiB), measured at every validation and at the end.
+    CUDA synchronisation at both ends on a GPU. Peak memory is CUDA's max allocated (MiB) on a GPU, whose
+    counter is reset at each fit's start, else the growth of the process's peak RSS during fit (MiB), measured at
+    every validation and at the end. The peak RSS cannot be reset: in a process that already ran a fit (the later
+    jobs of a Hydra multirun) it is already at the earlier fit's peak and the growth says nothing about this run,
+    so :attr:`peak_memory_shared_process` is then True and reports leave the value out.
 
     Everything measured is part of the checkpoint (``state_dict``), so after a resume the numbers cover the
     whole run: the step times of both parts, the best metric over all validations, the larger peak.
@@ -45,15 +51,21 @@ class RunStats(pl.Callback):
         self._rss_start = 0.0
         self._fit_start_step = 0
         self.peak_memory_mb = 0.0
+        #: the CPU peak memory was measured in a process that had already run a fit: not this run's footprint
+        self.peak_memory_shared_process = False
 
     def _sync(self, trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        global _fits_started
+        _fits_started += 1
         self._rss_start = _peak_rss_mb()
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        else:  # once True (a part of the run shared its process), a resumed run keeps it
+            self.peak_memory_shared_process = self.peak_memory_shared_process or _fits_started > 1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start_step = trainer.global_step  # after a checkpoint was restored
@@ -98,6 +110,7 @@ class RunStats(pl.Callback):
             "best": self.best,
             "last": self.last,
             "peak_memory_mb": self.peak_memory_mb,
+            "peak_memory_shared_process": self.peak_memory_shared_process,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -105,6 +118,8 @@ class RunStats(pl.Callback):
         self.best = float(state_dict.get("best", float("-inf")))
         self.last = float(state_dict.get("last", float("nan")))
         self.peak_memory_mb = float(state_dict.get("peak_memory_mb", 0.0))
+        shared = bool(state_dict.get("peak_memory_shared_process", False))
+        self.peak_memory_shared_process = self.peak_memory_shared_process or shared
 
     @property
     def median_step_time_s(self) -> float:

@@ -15,7 +15,8 @@ Layout (``version`` 1)::
                "config": {dotted config keys that differ between runs},
                "validation": {"epoch": [...], "step": [...], "val/acc": [...], ...},
                "probabilities": {"every": <steps between points>, "arm_names": [...],
-                                 "history": [[per-arm probability, ...], ...]}},   # runs that sampled arms
+                                 "history": [[per-arm probability, ...], ...],
+                                 "pinned_arms": [...]}},   # runs that sampled arms; pinned_arms: always_active
               ...]}
 
 The result.json values are kept exactly (so the tables from a summary equal those from the run folders); the
@@ -176,7 +177,10 @@ def _probabilities(run_dir: Path, points: int) -> dict[str, Any] | None:
     history = torch.as_tensor(data["history"]).detach().to(torch.float64)
     if history.ndim == 1:
         history = history.unsqueeze(1)
-    return downsample_history(history, int(data.get("every") or 1), list(data.get("arm_names") or []), points)
+    kept = downsample_history(history, int(data.get("every") or 1), list(data.get("arm_names") or []), points)
+    if kept is not None and data.get("pinned_arms"):  # SL-SAM's always_active arms, marked on the heatmap
+        kept["pinned_arms"] = [str(name) for name in data["pinned_arms"]]
+    return kept
 
 
 def build_summary(sweep_dir: str | Path, *, history_points: int = HISTORY_POINTS) -> dict[str, Any]:

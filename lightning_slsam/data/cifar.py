@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from lightning_slsam.data.resumable_loader import ResumableDataModule
+from lightning_slsam.loading.network_access import NetworkUnavailableError
 
 CIFAR_SIZE = 32
 
@@ -99,12 +100,17 @@ class CIFARDataModule(ResumableDataModule):
         image_size: side in pixels; images are resized (bilinear, antialiased) when not 32 (default 32; e.g. 224
             for an ImageNet-sized ViT).
         augment: random crop (32 px, 4 px zero padding) and horizontal flip of training images (default True).
-        val_fraction: share of the 50,000 training images held out (unaugmented) for validation, in [0, 1); 0
-            (default) validates on the 10,000 test images, as is usual on CIFAR.
+        val_fraction: share of the training images (50,000 in the official files) held out, unaugmented, for
+            validation, in [0, 1) (default 0.1: 5,000 images, so that the best epoch is chosen without looking at
+            the test split). 0 validates on the 10,000 test images, as many CIFAR papers do; the test split then
+            chooses the best epoch.
         normalize: ``"imagenet"`` (default; the mean/std the bundled ResNet-20 weights were trained with),
             ``"cifar"`` (CIFAR-10's statistics) or ``"half"`` (0.5 / 0.5, timm's ViT weights).
-        train_limit: keep only this many training images, drawn at random with ``seed`` (None = all).
-        seed: the held-out split, subset and shuffling seed (default 0).
+        train_limit: keep only this many of the training images left after the held-out split, drawn at random
+            with ``seed`` (None = all, the default); the validation split does not shrink.
+        seed: the seed of the ``train_limit`` subset and of the shuffling (default 0).
+        split_seed: the seed of the held-out split (default 0). Apart from ``seed``, so that runs with different
+            seeds are validated on the same images.
         verify: check the files' md5 against the official release (default False; stand-in files then fail).
 
     The training loader shuffles with a permutation of ``(seed, epoch)`` and its position is part of the
@@ -126,11 +132,12 @@ class CIFARDataModule(ResumableDataModule):
         num_workers: int = 0,
         image_size: int = 32,
         augment: bool = True,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.1,
         normalize: str = "imagenet",
         train_limit: int | None = None,
         seed: int = 0,
         verify: bool = False,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if name not in CIFAR_LAYOUTS:
@@ -143,13 +150,16 @@ class CIFARDataModule(ResumableDataModule):
             raise ValueError(f"num_workers: must be an int >= 0, got {num_workers!r}")
         if not (isinstance(image_size, int) and image_size >= 1):
             raise ValueError(f"image_size: must be an int >= 1, got {image_size!r}")
-        if not 0.0 <= val_fraction < 1.0:
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction: must lie in [0, 1), got {val_fraction!r}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
         bad_limit = isinstance(train_limit, bool) or not isinstance(train_limit, int) or train_limit < 1
         if train_limit is not None and bad_limit:
             raise ValueError(f"train_limit: must be an int >= 1 or None, got {train_limit!r}")
+        for key, value in (("seed", seed), ("split_seed", split_seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key}: must be an int, got {value!r}")
         self.name = name
         self.layout = CIFAR_LAYOUTS[name]
         self.num_classes = self.layout.num_classes
@@ -163,6 +173,7 @@ class CIFARDataModule(ResumableDataModule):
         self.normalize = normalize
         self.train_limit = train_limit
         self.seed = seed
+        self.split_seed = split_seed
         self.verify = verify
         self.train_set: CIFARImages | None = None
         self.val_set: CIFARImages | None = None
@@ -194,7 +205,7 @@ class CIFARDataModule(ResumableDataModule):
                 dataset_class(self.root, train=train, download=True)
         except OSError as error:  # URLError, a refused connection, a DNS failure: the machine is offline
             reason = str(getattr(error, "reason", error)).splitlines()[0] if str(error) else type(error).__name__
-            raise ConnectionError(
+            raise NetworkUnavailableError(
                 f"download: fetching {self.name} into {str(self.root)!r} failed ({reason}); offline, copy the "
                 f"extracted {self.layout.folder}/ under data.root and set data.download=false"
             ) from error
@@ -227,12 +238,18 @@ class CIFARDataModule(ResumableDataModule):
             self._check_md5(folder)
         images, labels = load_cifar_split(folder, self.layout.train_files, self.layout.label_key)
         test_images, test_labels = load_cifar_split(folder, self.layout.test_files, self.layout.label_key)
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(labels), generator=generator)
+        # the held-out images depend on split_seed and val_fraction only: the same for every seed and train_limit
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
         num_val = round(len(labels) * self.val_fraction)
+        if self.val_fraction > 0 and not 0 < num_val < len(labels):
+            raise ValueError(
+                f"val_fraction: {self.val_fraction} of {len(labels)} training images leaves "
+                f"{'no validation' if num_val == 0 else 'no training'} image"
+            )
         val_idx, train_idx = order[:num_val], order[num_val:]
         if self.train_limit is not None:
-            train_idx = train_idx[: self.train_limit]
+            subset = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.seed))
+            train_idx = train_idx[subset[: self.train_limit]]
         train_idx, val_idx = train_idx.sort().values, val_idx.sort().values  # file order; the loader shuffles
         self.train_set = CIFARImages(images[train_idx], labels[train_idx], self.transform(train=True))
         self.test_set = CIFARImages(test_images, test_labels, self.transform(train=False))

@@ -27,6 +27,7 @@ from typing import Any
 
 from lightning_slsam.data.tokenized_text import TextExamples, TokenizedTextDataModule
 from lightning_slsam.data.tsv_file import read_tsv
+from lightning_slsam.loading.network_access import hf_endpoint, hugging_face_hub
 
 NO_GOLD_LABEL = "-"
 
@@ -171,7 +172,12 @@ class GLUEDataModule(TokenizedTextDataModule):
                 "train.tsv and dev.tsv"
             ) from error
         info = self.task_info
-        dataset: Any = datasets.load_dataset("glue", info.hf_config)
+        with hugging_face_hub(
+            "path",
+            f"GLUE {self.task} with Hugging Face datasets (path=None) from {hf_endpoint()}",
+            "set data.path to a folder with the task's train.tsv and dev.tsv (GLUE's files)",
+        ):  # offline: one line at once, not a minute of retries
+            dataset: Any = datasets.load_dataset("glue", info.hf_config)
         part = dataset["train" if split == "train" else info.hf_val_split]
         texts = [str(text) for text in part[info.hf_text_columns[0]]]
         pairs = [str(text) for text in part[info.hf_text_columns[1]]] if len(info.hf_text_columns) > 1 else None

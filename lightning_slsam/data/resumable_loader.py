@@ -175,6 +175,15 @@ class ResumableDataModule(pl.LightningDataModule):
         self._train_loader = loader
         return loader
 
+    def train_batches_per_epoch(self) -> int:
+        """The training loader's batches per epoch on this process (``setup`` first), counted on a loader built for
+        the purpose: the loader training uses, and any position restored for it, are left as they were."""
+        kept = (self._train_loader, self._train_loader_state)
+        try:
+            return len(self.train_dataloader())
+        finally:
+            self._train_loader, self._train_loader_state = kept
+
     def state_dict(self) -> dict[str, Any]:
         if self._train_loader is not None:
             return {"train_loader": self._train_loader.state_dict()}

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_slsam.data.label_noise import add_label_noise, check_label_noise
 from lightning_slsam.data.resumable_loader import ResumableDataModule
 from lightning_slsam.loading.optional_dependencies import import_optional
-from lightning_slsam.models.hf_pretrained import PretrainedSource, resolve_pretrained
+from lightning_slsam.models.hf_pretrained import PretrainedSource, hub_fetch, resolve_pretrained
 
 #: the fields padded with 0 (every other tokenizer field is padded with the tokenizer's pad token id)
 ZERO_PADDED_FIELDS: tuple[str, ...] = ("attention_mask", "token_type_ids", "special_tokens_mask")
@@ -170,11 +170,14 @@ class TokenizedTextDataModule(ResumableDataModule):
         raise NotImplementedError
 
     def load_tokenizer(self) -> Any:
-        """``AutoTokenizer.from_pretrained`` of the ``tokenizer`` argument (offline for a local folder)."""
+        """``AutoTokenizer.from_pretrained`` of the ``tokenizer`` argument (offline for a local folder; a hub name
+        without a network or a cached copy raises a one-line ``NetworkUnavailableError`` at once)."""
         transformers = import_optional("transformers", f"{type(self).__name__} (its tokenizer)")
-        return transformers.AutoTokenizer.from_pretrained(
-            self.tokenizer_source.name_or_path, **self.tokenizer_source.from_pretrained_kwargs()
-        )
+        source = self.tokenizer_source
+        if source.local:
+            return transformers.AutoTokenizer.from_pretrained(source.name_or_path, **source.from_pretrained_kwargs())
+        with hub_fetch("tokenizer", source.name_or_path):  # offline: one line at once, not 45 s of retries
+            return transformers.AutoTokenizer.from_pretrained(source.name_or_path)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

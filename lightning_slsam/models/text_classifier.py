@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -13,7 +14,7 @@ from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, Multicl
 
 from lightning_slsam.lightning_adapter.mixin import SharpnessAwareMixin
 from lightning_slsam.loading.optional_dependencies import import_optional
-from lightning_slsam.models.hf_pretrained import minilm_path, resolve_pretrained
+from lightning_slsam.models.hf_pretrained import hub_fetch, minilm_path, resolve_pretrained
 from lightning_slsam.models.optimizer_config import (
     OptimizerFactory,
     SchedulerFactory,
@@ -80,12 +81,14 @@ class TextClassifier(SharpnessAwareMixin, pl.LightningModule):
         self.val_metric = build_metric(metric, num_labels)
         source = resolve_pretrained(model_name_or_path, "model_name_or_path")
         transformers = import_optional("transformers", "TextClassifier")
-        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            source.name_or_path,
-            num_labels=num_labels,
-            problem_type="single_label_classification",
-            **source.from_pretrained_kwargs(),
-        )
+        fetch = contextlib.nullcontext() if source.local else hub_fetch("model_name_or_path", source.name_or_path)
+        with fetch:  # offline, a hub name fails at once in one line instead of retrying for about 45 s
+            self.model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                source.name_or_path,
+                num_labels=num_labels,
+                problem_type="single_label_classification",
+                **source.from_pretrained_kwargs(),
+            )
         # from_pretrained returns the model in eval mode, and Lightning keeps submodules' modes: train mode
         # here, so that dropout is on during fit (Lightning switches to eval for validation and back).
         self.model.train()

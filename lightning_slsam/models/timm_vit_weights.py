@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_slsam.loading.network_access import hf_endpoint, hugging_face_hub
+
 #: our ViT names -> the timm models whose ImageNet-1k weights they load (patch 16, 224x224)
 TIMM_VIT_MODELS: dict[str, str] = {
     "vit_tiny": "vit_tiny_patch16_224",
@@ -54,9 +56,19 @@ def import_timm() -> Any:
 
 
 def timm_vit_state_dict(name: str) -> dict[str, Tensor]:
-    """The ImageNet-1k pretrained weights of ``name`` (a key of :data:`TIMM_VIT_MODELS`) in timm's names."""
+    """The ImageNet-1k pretrained weights of ``name`` (a key of :data:`TIMM_VIT_MODELS`) in timm's names.
+
+    Raises:
+        NetworkUnavailableError: offline without a cached copy, at once (``pretrained: cannot fetch ...``).
+    """
     timm = import_timm()
-    model = timm.create_model(TIMM_VIT_MODELS[name], pretrained=True)
+    with hugging_face_hub(
+        "pretrained",
+        f"timm's {TIMM_VIT_MODELS[name]} weights for {name} from {hf_endpoint()}",
+        "use model.pretrained=false (random weights) or model.weights=<a local .safetensors or .pth file> "
+        "(pretrained=False / weights=... in Python)",
+    ):
+        model = timm.create_model(TIMM_VIT_MODELS[name], pretrained=True)
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
