@@ -42,6 +42,10 @@ TRY_OUT = {
         "model.model_name_or_path=~/models/roberta-base data.train_limit=64 data.val_limit=64 data.batch_size=16 "
         "scheduler.warmup_steps=2 trainer.max_epochs=1"
     ),
+    "llama_platypus": (
+        "slsam-train experiment=llama_platypus model.tiny=true data.path=~/data/platypus.jsonl trainer=cpu "
+        "trainer.max_epochs=1"
+    ),
 }
 
 
@@ -105,6 +109,9 @@ def stand_ins(experiment: str, tmp_path: Path) -> dict[str, str]:
         fake_cifar100(tmp_path / "data")
     elif experiment == "sst2_minilm":
         write_sst2(tmp_path / "data" / "sst2")
+    elif experiment == "llama_platypus":
+        (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / "tests" / "fixtures" / "instruction_tiny.jsonl", tmp_path / "data" / "platypus.jsonl")
     elif experiment == "roberta_mnli":
         write_mnli(tmp_path / "data" / "mnli")
         write_tiny_roberta(tmp_path / "models" / "roberta-base")
