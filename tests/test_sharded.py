@@ -7,6 +7,7 @@ global RNGs differently; equal arms come from the broadcast seed and the global 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,64 @@ def test_completing_adam_state_changes_no_step() -> None:
             opt.zero_grad()
         assert torch.equal(plain.weight, completed.weight) and torch.equal(plain.bias, completed.bias)
     assert complete_optimizer_state(torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)) == 0
+
+
+# --- the causal-LM recipe sharded: slsam-train experiment=llama_platypus trainer=fsdp2 ------------------------------
+FSDP2_CPU = [
+    "trainer=fsdp2",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "trainer.strategy.process_group_backend=gloo",
+]
+
+
+def test_causal_lm_shards_one_unit_per_decoder_layer() -> None:
+    """``CausalLM.configure_model`` under a data-parallel mesh (one process here): every parameter a DTensor, each
+    decoder layer its own FSDP unit, the whole model the root; a second call changes nothing."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from lightning_slsam.models.causal_lm import CausalLM, decoder_layers
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29587")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        module = CausalLM(tiny=True)
+        module._device_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+        module.configure_model()
+        module.configure_model()
+        layers = decoder_layers(module.model)
+        assert len(layers) == 2 and all(isinstance(layer, FSDPModule) for layer in layers)
+        assert isinstance(module.model, FSDPModule)
+        assert all(type(p).__name__ == "DTensor" for p in module.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_slsam_train_runs_the_llm_recipe_on_two_sharded_cpu_ranks(tmp_path: Path) -> None:
+    fixture = Path(__file__).parent / "fixtures" / "instruction_tiny.jsonl"
+    # the console script: Lightning's launcher starts rank 1 by running the same command line again
+    script = Path(sys.executable).with_name("slsam-train")
+    if not script.exists():
+        pytest.skip("slsam-train is not installed next to this Python")
+    command = [
+        str(script),
+        "experiment=llama_platypus",
+        "model.tiny=true",
+        f"data.path={fixture}",
+        *FSDP2_CPU,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["finished"] is True and record["steps"] == 2
+    assert record["config"]["trainer"]["strategy"]["_target_"].endswith("ModelParallelStrategy")
+    assert 0.1 < record["active_ratio"] < 0.5  # SL-SAM at sparsity 0.2 on the sharded model

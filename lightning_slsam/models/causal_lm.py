@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_slsam.lightning_adapter.mixin import SharpnessAwareMixin
 from lightning_slsam.loading.optional_dependencies import import_optional
@@ -101,6 +101,19 @@ def enable_checkpointing(model: Any) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.disable_input_require_grads()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Hugging Face causal LM (``model.model.layers`` for Llama, Mistral, Qwen, ...; the
+    ``ModuleList`` with the most entries otherwise), in order."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return list(layers)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"model: found no decoder layers (no nn.ModuleList) in {type(model).__name__} to shard")
+    return list(max(lists, key=len))
 
 
 def _check_positive_int(value: Any, argument: str) -> int:
@@ -244,6 +257,22 @@ class CausalLM(SharpnessAwareMixin, pl.LightningModule):
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is not None:
             self.check_data(data)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``): shard with FSDP2, one unit per decoder
+        layer and the Hugging Face model as the root (embeddings, final norm and head), over the data-parallel
+        mesh. On any other strategy the model is left as it is. Idempotent (Lightning may call it again)."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
+        data_parallel = mesh["data_parallel"]
+        for layer in decoder_layers(self.model):
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``(batch, length, vocab)`` of ``input_ids`` (``attention_mask``: 1 on real tokens, 0 on padding)."""
