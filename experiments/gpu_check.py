@@ -46,9 +46,15 @@ lagnp slsam`` (the paper's setting) and ``slsam_plus`` where the library has it;
 (``--cost-precision``). Median step time, ratios to base and SAM, ``torch.cuda.max_memory_allocated``. The
 timed window holds whole LookSAM periods (``--cost-steps`` a multiple of its k = 5), so its SAM steps are in it.
 
+**3. Sharded causal LM**: ``experiments/bench_sharded.py --preset gpu --ranks 1``: a Llama-shaped model (16
+layers, width 2048, sequences of 1024 tokens, batch 4) sharded with FSDP2 (one unit per decoder layer) on the
+GPU, AdamW / SAM / SL-SAM / slsam_plus at the authors' LLM recipe (rho 0.01, sparsity 0.2): step time, CUDA peak
+memory and the gradient bytes at the optimizer step (``--skip-sharded`` leaves it out).
+
 **Time**: ``--budget-s`` (default 420 s) bounds the whole run; the correctness section gets at most
-``--correctness-budget-s`` (default 150 s) of it, the cost presets share the rest (each bench run is a subprocess
-with a timeout); a section cut by its budget says so in the report.
+``--correctness-budget-s`` (default 150 s) of it, the cost presets share the rest but ``SHARDED_RESERVE_S`` (each
+bench run is a subprocess with a timeout), section 3 takes what is left; a section cut by its budget says so in
+the report.
 
 ``--dry-run`` runs every case on the CPU (bf16-mixed and 16-mixed through CPU autocast and a CPU GradScaler),
 3 steps, and the cost section on ``resnet20_cifar`` with batch 4 instead of the GPU presets; the CUDA-only parts
@@ -95,6 +101,8 @@ LOOKSAM_K = 5  # bench_step's LookSAM interval: the timed window must hold whole
 GPU_PRESETS = ("vit_small", "bert_base")
 DRY_RUN_PRESET = "resnet20_cifar"
 MIN_PRESET_TIMEOUT_S = 20.0  # a bench run with less time left than this is not started
+SHARDED_MIN_S = 30.0  # section 3 (bench_sharded) is not started with less time left than this
+SHARDED_RESERVE_S = 120.0  # kept from the cost section for section 3
 
 
 # --- what the correctness section runs, and its bounds -------------------------------------------------------------
@@ -648,6 +656,23 @@ def _load_bench() -> Any:
     return bench_step
 
 
+def run_sharded(args: argparse.Namespace, out: Path, deadline: Deadline) -> dict[str, Any]:
+    """Section 3: the causal-LM recipe's shape sharded with FSDP2 on this device (``bench_sharded.py``, one rank:
+    one GPU): step time, peak memory and the gradient bytes at the optimizer step of AdamW, SAM, SL-SAM and
+    slsam_plus. The dry run: the tiny preset, SL-SAM only, one timed step."""
+    if deadline.left() < SHARDED_MIN_S:
+        return {"reason": f"skipped: {deadline.left():.0f} s left, the section needs {SHARDED_MIN_S:.0f} s"}
+    experiments = str(REPO / "experiments")
+    if experiments not in sys.path:
+        sys.path.insert(0, experiments)
+    import bench_sharded
+
+    argv = ["--preset", "tiny" if args.dry_run else "gpu", "--ranks", "1", "--out", str(out / "sharded")]
+    argv += ["--methods", "slsam", "--steps", "1", "--warmup", "1", "--cpu"] if args.dry_run else []
+    results = bench_sharded.main(argv)
+    return {"command": "python experiments/bench_sharded.py " + " ".join(argv), "table": bench_sharded.table(results)}
+
+
 def library_method_schema(name: str) -> type | None:
     """The structured-config schema of a library method, or None if the library has no method of that name."""
     from lightning_slsam.app import config_schema
@@ -963,6 +988,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cost-batch-size", type=int, default=None, help="override the presets' batch (dry run 4)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all; dry run 1)")
     parser.add_argument("--skip-cost", action="store_true", help="run the correctness section only")
+    parser.add_argument("--skip-sharded", action="store_true", help="leave out section 3 (FSDP2 causal LM)")
     args = parser.parse_args(argv)
     dry = args.dry_run
     args.steps = args.steps or (3 if dry else CheckSetup.steps)
@@ -1036,11 +1062,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the bench subprocesses share the GPU with this process
         try:
-            cost = run_cost(args.presets, args, args.out, total, tag)
+            reserve = 0.0 if args.skip_sharded else SHARDED_RESERVE_S
+            cost = run_cost(args.presets, args, args.out, Deadline(max(1.0, total.left() - reserve)), tag)
         except Exception as exc:
             cost = {"reason": "error: " + _error(exc)}
         for preset, entry in cost.get("presets", {}).items():
             print(f"[gpu_check] cost {preset:<14} {entry['status']} {entry.get('reason', '')[:300]}", flush=True)
+
+    if args.skip_sharded:
+        sharded: dict[str, Any] = {"reason": "skipped: --skip-sharded"}
+    else:
+        print(f"[gpu_check] sharded causal LM ({total.left():.0f} s left)", flush=True)
+        try:
+            sharded = run_sharded(args, args.out, total)
+        except Exception as exc:
+            sharded = {"reason": "error: " + _error(exc)}
+        print(f"[gpu_check] sharded {sharded.get('reason', 'done')}", flush=True)
 
     report: dict[str, Any] = {
         "check": "gpu_check",
@@ -1050,11 +1087,15 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "correctness": correctness,
         "cost": cost,
+        "sharded": sharded,
         "verdict": verdict_of(correctness),
         "out": args.out,
     }
     report["wall_s"] = round(time.perf_counter() - started, 1)
     text = markdown(report)
+    text += "\n## 3. Sharded causal LM (FSDP2, one rank)\n\n" + (
+        f"`{sharded['command']}`\n\n{sharded['table']}" if "table" in sharded else f"{sharded['reason']}\n"
+    )
     del report["out"]
     (args.out / f"gpu_check_{tag}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / f"gpu_check_{tag}.md").write_text(text)

@@ -97,7 +97,14 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert any("max_memory_allocated" in item for item in cost["skipped"])
     assert (tmp_path / "bench" / entry["markdown_file"]).exists()
 
-    for heading in ("# GPU check", "## 1. Correctness", "## 2. Cost", "- skipped:"):
+    # 3. the sharded causal LM: SL-SAM on the tiny preset, gradients of about a fifth of the tensors at its step
+    sharded = report["sharded"]
+    assert "table" in sharded, sharded
+    assert "| slsam | 1 |" in sharded["table"]
+    ratio = float(sharded["table"].split("| slsam | 1 |")[1].split("|")[5].strip().rstrip("x"))
+    assert 0.0 < ratio < 0.6
+
+    for heading in ("# GPU check", "## 1. Correctness", "## 2. Cost", "## 3. Sharded causal LM", "- skipped:"):
         assert heading in text
 
 
