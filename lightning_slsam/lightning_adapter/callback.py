@@ -270,7 +270,8 @@ class SharpnessAware(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_schedulers(trainer, "epoch", epoch_end=True)
         if self.record.steps:
-            pl_module.log("train/active_ratio_epoch", self.mean_active_ratio)
+            # equal on every rank (the ranks sample the same arms); sync_dist only keeps Lightning from warning
+            pl_module.log("train/active_ratio_epoch", self.mean_active_ratio, sync_dist=True)
         if self.layout is not None:  # SL-SAM: histogram and heatmap of the arm probabilities on TensorBoard
             probability_logging.log_epoch(
                 trainer.loggers,
