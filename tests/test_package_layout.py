@@ -46,6 +46,7 @@ TESTED_IN: dict[str, list[str]] = {
     "methods/rst.py": ["test_methods.py"],
     "methods/sam.py": ["test_methods.py"],
     "methods/slsam.py": ["test_methods.py", "test_slsam_levers.py"],
+    "methods/sparse_msam.py": ["test_msam.py"],  # sparse_msam against its reference, in both APIs
     "lightning_adapter/mixin.py": ["test_step.py", "test_module_conversion.py"],
     "models/classifier.py": ["test_models.py"],
     "models/factory.py": ["test_cli.py", "test_faults.py"],  # the configs' image networks, built by slsam-train
