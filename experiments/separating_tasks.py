@@ -149,6 +149,11 @@ METHODS: dict[str, list[str]] = {
     # candidate defaults that bound how far a sampled tensor moves per step: the update-scale cap at 2 instead of 5
     "slsam_plus_c2": ["method=slsam_plus", "method.max_update_scale=2.0"],
     "slsam_plus_c2_rho0": ["method=slsam_plus", "method.max_update_scale=2.0", "method.rho=0"],
+    # one pass per step: Momentum-SAM (its own radius, 3.0, not the task's rho) and its sparse form on slsam_plus's
+    # sampler and levers, with the control that runs the same sparse one-pass step without any ascent
+    "msam": ["method=msam"],
+    "sparse_msam": ["method=sparse_msam"],
+    "sparse_msam_rho0": ["method=sparse_msam", "method.rho=0"],
 }
 
 
@@ -400,8 +405,13 @@ def accuracy_table(
     return lines
 
 
-#: each SL-SAM variant of the sweep with its ``rho=0`` control (the same sampler, pinned arms and scaling, no ascent)
-RHO0_CONTROLS: dict[str, str] = {"slsam": "slsam_rho0", "slsam_plus": "slsam_plus_rho0"}
+#: each sparse variant of the sweep (SL-SAM, sparse_msam) with its ``rho=0`` control: the same sampler, pinned arms and
+#: scaling, no ascent
+RHO0_CONTROLS: dict[str, str] = {
+    "slsam": "slsam_rho0",
+    "slsam_plus": "slsam_plus_rho0",
+    "sparse_msam": "sparse_msam_rho0",
+}
 
 
 def control_table(runs: list[dict[str, Any]]) -> list[str]:
