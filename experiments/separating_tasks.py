@@ -154,6 +154,9 @@ METHODS: dict[str, list[str]] = {
     "msam": ["method=msam"],
     "sparse_msam": ["method=sparse_msam"],
     "sparse_msam_rho0": ["method=sparse_msam", "method.rho=0"],
+    # the cheaper setting of the step benchmark: only the head pinned, so the backward pass stops above the lowest
+    # sampled arm
+    "sparse_msam_head": ["method=sparse_msam", "method.always_active=[head]"],
 }
 
 
