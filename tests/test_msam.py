@@ -171,11 +171,11 @@ class Probe:
         self.active: list[set[str]] = []
         self.weights: list[dict[str, Tensor]] = []
         self.no_grad: list[set[str]] = []
-        named = dict(model.named_parameters())
-        base.register_step_pre_hook(
-            lambda *_: self.no_grad.append({n for n, p in named.items() if p.grad is None})  # type: ignore[func-returns-value]
-        )
-        self.named = named
+        self.named = dict(model.named_parameters())
+        base.register_step_pre_hook(self._record_missing_gradients)
+
+    def _record_missing_gradients(self, *_: Any) -> None:
+        self.no_grad.append({n for n, p in self.named.items() if p.grad is None})
 
     def closure(self, model: nn.Module, batch: Any) -> Callable[[], Tensor]:
         def run() -> Tensor:
