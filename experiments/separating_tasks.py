@@ -157,6 +157,9 @@ METHODS: dict[str, list[str]] = {
     # the cheaper setting of the step benchmark: only the head pinned, so the backward pass stops above the lowest
     # sampled arm
     "sparse_msam_head": ["method=sparse_msam", "method.always_active=[head]"],
+    # Momentum-SAM's radius of 3 (the authors', from-scratch training) collapses the pretrained MiniLM; 0.3 trains
+    "msam_r0.3": ["method=msam", "method.rho=0.3"],
+    "sparse_msam_r0.3": ["method=sparse_msam", "method.rho=0.3"],
 }
 
 
