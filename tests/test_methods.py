@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import ASAM, RST, SAM, SLSAM, Base, LayerwiseGNP, LookSAM, SharpnessAware
+from lightning_slsam import ASAM, MSAM, RST, SAM, SLSAM, Base, LayerwiseGNP, LookSAM, SharpnessAware, SparseMSAM
 
 LR = 1e-2  # TinyNet's defaults, which the references copy
 WEIGHT_DECAY = 0.1
@@ -442,6 +442,8 @@ SMOKE: dict[str, tuple[Callable[[], SharpnessAware], list[int] | None]] = {
     "rst": (lambda: RST(seed=0), None),
     "slsam": (lambda: SLSAM(seed=0), [2, 2, 2, 2]),
     "slsam-uniform": (lambda: SLSAM(sampler="uniform", seed=0), [2, 2, 2, 2]),
+    "msam": (MSAM, [1, 1, 1, 1]),
+    "sparse-msam": (lambda: SparseMSAM(seed=0), [1, 1, 1, 1]),
 }
 
 
