@@ -515,6 +515,20 @@ def test_exact_resume_rst(tmp_path: Path) -> None:
     assert torch.equal(resumed_cb.method.generator.get_state(), straight_cb.method.generator.get_state())
 
 
+@pytest.mark.filterwarnings(RESUME_WARNING)
+@pytest.mark.parametrize(
+    "make_callback",
+    [lambda seed: MSAM(rho=RHO), lambda seed: SparseMSAM(rho=RHO, seed=seed)],
+    ids=["msam", "sparse_msam"],
+)
+def test_exact_resume_msam(tmp_path: Path, make_callback: Callable[[int], SharpnessAware]) -> None:
+    # the momentum the resumed steps move along comes from the checkpoint's optimizer state, the sampler from the
+    # callback's (the resumed callback is built with seed 123)
+    straight, straight_cb, resumed, resumed_cb = resume_pair(tmp_path, make_callback)
+    assert_models_equal(resumed, straight)
+    assert resumed_cb.steps == straight_cb.steps == 8
+
+
 @pytest.mark.parametrize(
     ("make_callback", "steps"),
     [
