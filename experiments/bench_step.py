@@ -33,12 +33,12 @@ Examples::
     python experiments/bench_step.py --preset vit_small_64px --methods base sam slsam --profile slsam
 
 Methods are named as everywhere else: the method's name (``conf/method/<name>.yaml``: ``base sam asam ssam_f
-ssam_d lagnp arsam looksam rst slsam slsam_uniform slsam_plus``), optionally followed by ``:`` and arguments of
-its callback, ``NAME:key=value,key=value`` (``slsam:sparsity=0.5,arms=block,top_fraction=0.5``,
+ssam_d lagnp arsam looksam rst slsam slsam_uniform slsam_plus msam sparse_msam``), optionally followed by ``:`` and
+arguments of its callback, ``NAME:key=value,key=value`` (``slsam:sparsity=0.5,arms=block,top_fraction=0.5``,
 ``slsam:norm_scale=running_mean``, ``slsam:reuse_prefix=false``, ``slsam:always_active=[head,vectors]``); the
-string is the method's label in the results. Every method runs with ``rho=0.05`` (ASAM: its own 0.5) and
-``seed=0`` unless the arguments say otherwise. ``all`` is every method, with SL-SAM also at sparsity 0.5, with block
-arms and with the uniform sampler.
+string is the method's label in the results. Every method runs with ``rho=0.05`` (ASAM, MSAM and sparse MSAM: their
+own radius, 0.5 and 3.0) and ``seed=0`` unless the arguments say otherwise. ``all`` is every method, with SL-SAM
+also at sparsity 0.5, with block arms and with the uniform sampler.
 """
 
 from __future__ import annotations
@@ -194,6 +194,8 @@ PRESETS: dict[str, Preset] = {
 
 
 # --- methods ----------------------------------------------------------------------------------------------------
+#: methods whose radius is on a scale of its own (their configs do not read the global ``rho``): their default stays
+OWN_RADIUS: tuple[str, ...] = ("asam", "msam", "sparse_msam")
 #: named variants of a method that have their own config file (``conf/method/slsam_uniform.yaml``)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"slsam_uniform": ("slsam", {"sampler": "uniform"})}
 #: ``all``: every registered method, and SL-SAM at sparsity 0.5, with block arms and with the uniform sampler
@@ -230,7 +232,7 @@ def parse_method(label: str) -> tuple[str, dict[str, Any]]:
         )
     base, kwargs = VARIANTS.get(name, (name, {}))
     kwargs = dict(kwargs)
-    if name != "asam" and "rho" in CALLBACKS[base].options_class.field_names():
+    if name not in OWN_RADIUS and "rho" in CALLBACKS[base].options_class.field_names():
         kwargs["rho"] = 0.05
     if "seed" in CALLBACKS[base].options_class.field_names():
         kwargs["seed"] = 0

@@ -14,6 +14,7 @@ from lightning_slsam.engine.samplers import (
 from lightning_slsam.lightning_adapter.callback import (
     ARSAM,
     ASAM,
+    MSAM,
     RST,
     SAM,
     SLSAM,
@@ -24,6 +25,7 @@ from lightning_slsam.lightning_adapter.callback import (
     LookSAM,
     SharpnessAware,
     SLSAMPlus,
+    SparseMSAM,
 )
 from lightning_slsam.lightning_adapter.mixin import SharpnessAwareMixin
 from lightning_slsam.methods import (
@@ -33,10 +35,12 @@ from lightning_slsam.methods import (
     LayerwiseGNPMethod,
     LookSAMMethod,
     Method,
+    MSAMMethod,
     PassOne,
     RSTMethod,
     SAMMethod,
     SLSAMMethod,
+    SparseMSAMMethod,
     SSAMDMethod,
     SSAMFMethod,
 )
@@ -48,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ARSAM",
     "ASAM",
+    "MSAM",
     "RST",
     "SAM",
     "SLSAM",
@@ -66,6 +71,7 @@ __all__ = [
     "LayerwiseGNPMethod",
     "LookSAM",
     "LookSAMMethod",
+    "MSAMMethod",
     "Method",
     "PassOne",
     "PinnedArmsSampler",
@@ -77,6 +83,8 @@ __all__ = [
     "SSAMFMethod",
     "SharpnessAware",
     "SharpnessAwareMixin",
+    "SparseMSAM",
+    "SparseMSAMMethod",
     "TopArmsSampler",
     "UniformSampler",
     "build_arms",

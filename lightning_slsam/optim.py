@@ -42,15 +42,18 @@ from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.fisher_score import compute_loss_of, first_samples
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
+from lightning_slsam.methods.msam import MSAMOptions
 from lightning_slsam.methods.registry import class_for
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.sparse_msam import SparseMSAMOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 
 __all__ = [
     "ARSAM",
     "ASAM",
+    "MSAM",
     "RST",
     "SAM",
     "SLSAM",
@@ -61,6 +64,7 @@ __all__ = [
     "LookSAM",
     "SLSAMPlus",
     "SharpnessAwareOptimizer",
+    "SparseMSAM",
 ]
 
 #: callback arguments that have no meaning for a closure-driven step, and what to do instead
@@ -466,6 +470,20 @@ class SLSAMPlus(SharpnessAwareOptimizer):
     options_class = SLSAMPlusOptions
 
 
+class MSAM(SharpnessAwareOptimizer):
+    """Momentum-SAM: arguments :class:`~lightning_slsam.methods.msam.MSAMOptions` and the step options; the
+    base optimizer must keep a momentum (AdamW, Adam, SGD with momentum)."""
+
+    options_class = MSAMOptions
+
+
+class SparseMSAM(SharpnessAwareOptimizer):
+    """Momentum-SAM on SL-SAM's sampled arms, one pass: arguments
+    :class:`~lightning_slsam.methods.sparse_msam.SparseMSAMOptions` and the step options."""
+
+    options_class = SparseMSAMOptions
+
+
 #: the optimizers users import by name; every other registered method gets one derived by :func:`optimizer_class`
 NAMED_OPTIMIZERS: tuple[type[SharpnessAwareOptimizer], ...] = (
     Base,
@@ -479,6 +497,8 @@ NAMED_OPTIMIZERS: tuple[type[SharpnessAwareOptimizer], ...] = (
     RST,
     SLSAM,
     SLSAMPlus,
+    MSAM,
+    SparseMSAM,
 )
 
 

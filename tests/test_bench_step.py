@@ -74,6 +74,10 @@ def test_method_names_are_the_configs_names_with_callback_arguments(bench):
     paper = bench.make_callback("slsam")
     assert paper.reuse_prefix and paper.options.top_fraction == 1.0 and paper.options.sparsity == 0.2
     assert (paper.options.rho, paper.options.seed) == (0.05, 0)
+    # the methods with a radius of their own keep it; the one-pass momentum methods are in 'all'
+    assert {"msam", "sparse_msam"} <= set(bench.expand_methods(["all"]))
+    assert bench.make_callback("msam").options.rho == bench.make_callback("sparse_msam").options.rho == 3.0
+    assert bench.make_callback("asam").options.rho == 0.5
     pinned = bench.make_callback("slsam_plus:always_active=[head,vectors],max_update_scale=2")
     assert pinned.options.always_active == ["head", "vectors"] and pinned.options.max_update_scale == 2
     assert "top_fraction=0.5" in bench.describe_method("slsam:sparsity=0.5,arms=block,top_fraction=0.5")

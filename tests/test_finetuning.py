@@ -40,10 +40,12 @@ def loader() -> DataLoader:
 
 class BackboneNet(SharpnessAwareMixin, L.LightningModule):
     """``backbone`` (Linear, Tanh, Linear, Tanh) and ``head`` (Linear); SGD without momentum over the parameters
-    that require grad (the convention ``BackboneFinetuning`` expects), so one step is ``w - lr * g``."""
+    that require grad (the convention ``BackboneFinetuning`` expects), so one step is ``w - lr * g``; ``momentum``
+    gives SGD one (the Momentum-SAM methods perturb along it)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, momentum: float = 0.0) -> None:
         super().__init__()
+        self.momentum = momentum
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.backbone = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
@@ -57,7 +59,7 @@ class BackboneNet(SharpnessAwareMixin, L.LightningModule):
         return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR, momentum=self.momentum)
 
 
 # --- the plain reference ------------------------------------------------------------------------------------------
@@ -158,15 +160,19 @@ class FreezeAt(L.Callback):
                     p.requires_grad_(False)
 
 
+#: the methods that perturb along the optimizer's momentum (an optimizer without one is refused)
+MOMENTUM_METHODS = ("msam", "sparse_msam")
+
+
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
 def test_a_layer_frozen_during_training_stays_frozen(name: str) -> None:
     """Every method: a layer frozen at epoch 1 keeps requires_grad=False and its values from then on."""
     kwargs: dict[str, Any] = {"rho": RHO} if name != "base" else {}
-    if name in ("slsam", "slsam_plus", "rst", "ssam_d"):
+    if name in ("slsam", "slsam_plus", "rst", "ssam_d", "sparse_msam"):
         kwargs["seed"] = 0
     if name == "ssam_f":
         kwargs.update(num_samples=8, per_sample="loop")
-    module = BackboneNet()
+    module = BackboneNet(momentum=0.9 if name in MOMENTUM_METHODS else 0.0)
     recorder = StepRecorder()
     trainer = quiet_trainer([CALLBACKS[name](**kwargs), FreezeAt("backbone.", 1), recorder], max_steps=3 * BATCHES)
     trainer.fit(module, loader())
@@ -508,7 +514,7 @@ def test_an_unused_parameter_is_normal_for_every_method(name: str) -> None:
     """Every method trains a model with an unused head, through Trainer.fit and the plain loop; SL-SAM also on
     steps whose sampled arms all got no gradient. The unused head never moves."""
     kwargs: dict[str, Any] = {} if name == "base" else {"rho": RHO}
-    if name in ("slsam", "slsam_plus", "rst", "ssam_d"):
+    if name in ("slsam", "slsam_plus", "rst", "ssam_d", "sparse_msam"):
         kwargs["seed"] = 0
     if name == "slsam":
         kwargs["sparsity"] = 0.25

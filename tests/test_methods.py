@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_slsam import ASAM, RST, SAM, SLSAM, Base, LayerwiseGNP, LookSAM, SharpnessAware
+from lightning_slsam import ASAM, MSAM, RST, SAM, SLSAM, Base, LayerwiseGNP, LookSAM, SharpnessAware, SparseMSAM
 
 LR = 1e-2  # TinyNet's defaults, which the references copy
 WEIGHT_DECAY = 0.1
@@ -442,6 +442,8 @@ SMOKE: dict[str, tuple[Callable[[], SharpnessAware], list[int] | None]] = {
     "rst": (lambda: RST(seed=0), None),
     "slsam": (lambda: SLSAM(seed=0), [2, 2, 2, 2]),
     "slsam-uniform": (lambda: SLSAM(sampler="uniform", seed=0), [2, 2, 2, 2]),
+    "msam": (MSAM, [1, 1, 1, 1]),
+    "sparse-msam": (lambda: SparseMSAM(seed=0), [1, 1, 1, 1]),
 }
 
 
@@ -511,6 +513,20 @@ def test_exact_resume_rst(tmp_path: Path) -> None:
     assert 0 < straight_cb.method.sam_steps < 8
     assert resumed_cb.method.steps == straight_cb.method.steps == 8
     assert torch.equal(resumed_cb.method.generator.get_state(), straight_cb.method.generator.get_state())
+
+
+@pytest.mark.filterwarnings(RESUME_WARNING)
+@pytest.mark.parametrize(
+    "make_callback",
+    [lambda seed: MSAM(rho=RHO), lambda seed: SparseMSAM(rho=RHO, seed=seed)],
+    ids=["msam", "sparse_msam"],
+)
+def test_exact_resume_msam(tmp_path: Path, make_callback: Callable[[int], SharpnessAware]) -> None:
+    # the momentum the resumed steps move along comes from the checkpoint's optimizer state, the sampler from the
+    # callback's (the resumed callback is built with seed 123)
+    straight, straight_cb, resumed, resumed_cb = resume_pair(tmp_path, make_callback)
+    assert_models_equal(resumed, straight)
+    assert resumed_cb.steps == straight_cb.steps == 8
 
 
 @pytest.mark.parametrize(

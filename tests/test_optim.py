@@ -360,7 +360,8 @@ def test_an_lr_scheduler_runs_straight_on_the_wrapper(name: str) -> None:
     """``StepLR(opt)`` accepts the wrapper (an Optimizer) and changes the rate the base optimizer steps with,
     exactly as the same scheduler on the base optimizer alone would."""
     model = TinyNet().model
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    # the Momentum-SAM methods perturb along the optimizer's momentum and refuse an optimizer without one
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if "MSAM" in name else 0.0)
     opt = _plain(name, model, base)
     assert isinstance(opt, torch.optim.Optimizer)
     assert opt.param_groups is base.param_groups and opt.state is base.state and opt.defaults is base.defaults

@@ -47,6 +47,7 @@ TESTED_IN: dict[str, list[str]] = {
     "methods/rst.py": ["test_methods.py"],
     "methods/sam.py": ["test_methods.py"],
     "methods/slsam.py": ["test_methods.py", "test_slsam_levers.py"],
+    "methods/sparse_msam.py": ["test_msam.py"],  # sparse_msam against its reference, in both APIs
     "lightning_adapter/mixin.py": ["test_step.py", "test_module_conversion.py"],
     "models/byte_tokenizer.py": ["test_causal_lm.py"],  # the tiny causal LM's tokenizer
     "models/classifier.py": ["test_models.py"],

@@ -4,7 +4,8 @@ The step itself lives in :mod:`lightning_slsam.engine.step` (run by the mixin an
 Per step, a method decides:
 
 0. ``start_epoch(start)``: once per epoch, with an :class:`EpochStart` (SSAM's mask refresh, ARSAM's warm-up);
-1. ``pass1_arms()``: which arms take part in pass 1 (at w);
+1. ``pass1_arms()``: which arms take part in pass 1 (at w; at w + e for a method that ascends before pass 1,
+   ``pass_one_ascent``);
 2. ``pass2_arms(first)``: after pass 1, which arms are perturbed and take part in pass 2 (at w + e), or
    ``None`` for a one-pass step;
 3. ``perturbation(...)``: the ascent e on those arms;
@@ -111,6 +112,9 @@ class Method:
     #: elementwise arithmetic on the local shards and the global norms of ``PassOne``. A method that computes a
     #: norm or a statistic of its own over a whole tensor is not, and is refused on a sharded model
     shardable: bool = False
+    #: whether pass 1 runs at a point ``w + e`` chosen before it, from state the method or the optimizer already
+    #: holds (:meth:`pass_one_ascent`: Momentum-SAM's momentum); False for every method whose pass 1 is at ``w``
+    ascends_before_pass_one: ClassVar[bool] = False
 
     def __init__(self, rho: float) -> None:
         self.rho = float(rho)  # checked by the method's options (methods/options.py)
@@ -138,6 +142,19 @@ class Method:
     def pass1_arms(self) -> Tensor:
         """The arms with gradients in pass 1 (bool ``(N,)`` on the CPU)."""
         return self.all_arms
+
+    def pass_one_ascent(
+        self, params: Sequence[nn.Parameter], optimizer: Any
+    ) -> tuple[list[nn.Parameter], list[Tensor], Tensor] | None:
+        """Where pass 1 runs, for a method with :attr:`ascends_before_pass_one`: ``(moved, directions, scale)``
+        puts each ``moved[i]`` at ``w + scale * directions[i]`` for pass 1 (``scale`` a 0-d float32 tensor on the
+        parameters' device, so no value goes to the host); None runs pass 1 at ``w``.
+
+        ``params`` are the trainable parameters of pass 1's arms; ``optimizer`` is the base optimizer (its
+        ``state`` holds the momentum). The step keeps ``w`` in the guard and restores it bitwise right after
+        pass 1, before any gradient is read, so ``directions`` may be the optimizer's own state tensors.
+        """
+        return None
 
     def pass2_arms(self, first: PassOne) -> Tensor | None:
         """The arms perturbed and differentiated in pass 2, or None for a one-pass step."""

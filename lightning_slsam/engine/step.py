@@ -4,7 +4,8 @@
 
 1. clear the arms' gradients, ``method.begin_step()``, ``method.pass1_arms()``; ``requires_grad`` on those arms;
 2. pass 1 at the weights ``w`` (``forward_backward(1)``), recording the calls below the lowest active module when
-   pass 1 leaves arms out (``prefix_reuse.py``);
+   pass 1 leaves arms out (``prefix_reuse.py``); a method that ascends before pass 1 (``pass_one_ascent``:
+   Momentum-SAM) runs it at ``w + e`` instead, with ``w`` restored bitwise right after it;
 3. the per-arm gradient norms of pass 1, unscaled (:func:`measure_pass_one`); a non-finite pass 1 gets neither
    an ascent nor a pass 2;
 4. ``method.pass2_arms(first)``: a two-pass step ascends to ``w + e`` on those arms, runs pass 2
@@ -147,7 +148,7 @@ def run_step(
             if reuse is not None
             else contextlib.nullcontext()
         ):
-            loss = forward_backward(AT_W)
+            loss = _pass_one(method, forward_backward, optimizer, trainable, active1, guard)
         first = measure_pass_one(
             layout, active1, scaler if method.measures_norms else False, all_reduce, sharding=sharding
         )
@@ -228,6 +229,33 @@ def _check_gradients_arrived(first: PassOne, active: Tensor, trainable: Trainabl
             f"most of the model is unused, {_DETACHED}",
             stacklevel=3,
         )
+
+
+def _pass_one(
+    method: Method,
+    forward_backward: Callable[[int], Tensor],
+    optimizer: Any,
+    trainable: TrainableSet,
+    active1: Tensor,
+    guard: PerturbationGuard,
+) -> Tensor:
+    """Pass 1 at ``w``, or, for a method that ascends before it (``Method.pass_one_ascent``: Momentum-SAM), at
+    ``w + e``: ``w`` is copied into ``guard`` before the move and put back bitwise in a ``finally`` right after
+    the pass, so the gradients, the method and the optimizer step all see ``w``."""
+    if not method.ascends_before_pass_one:
+        return forward_backward(AT_W)
+    ascent = method.pass_one_ascent(trainable.params_of(active1), optimizer)
+    if ascent is None or not ascent[0]:
+        return forward_backward(AT_W)
+    moved, directions, scale = ascent
+    guard.hold(moved, perturbation.save(moved))
+    try:
+        with torch.no_grad():
+            # w + scale * d one tensor at a time (the 0-d scale broadcasts): no list of e the size of the model
+            torch._foreach_addcmul_(moved, directions, [scale] * len(moved))
+        return forward_backward(AT_W)
+    finally:
+        guard.restore()
 
 
 def _second_pass(

@@ -31,10 +31,12 @@ from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
+from lightning_slsam.methods.msam import MSAMOptions
 from lightning_slsam.methods.registry import METHOD_OPTIONS, class_for, class_name
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.sparse_msam import SparseMSAMOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 
 STATE_KEY_PREFIX = "SharpnessAware["
@@ -506,6 +508,20 @@ class SLSAMPlus(SharpnessAware):
     options_class = SLSAMPlusOptions
 
 
+class MSAM(SharpnessAware):
+    """Momentum-SAM (Becker et al. 2024): one pass at ``w - rho m / ||m||``, m the optimizer's momentum.
+    Arguments: :class:`~lightning_slsam.methods.msam.MSAMOptions` and the step options."""
+
+    options_class = MSAMOptions
+
+
+class SparseMSAM(SharpnessAware):
+    """Momentum-SAM on SL-SAM's sampled arms, one pass that differentiates only them: method ``sparse_msam``.
+    Arguments: :class:`~lightning_slsam.methods.sparse_msam.SparseMSAMOptions` and the step options."""
+
+    options_class = SparseMSAMOptions
+
+
 #: the callbacks users import by name; every other registered method gets one derived by :func:`callback_class`
 NAMED_CALLBACKS: tuple[type[SharpnessAware], ...] = (
     Base,
@@ -519,6 +535,8 @@ NAMED_CALLBACKS: tuple[type[SharpnessAware], ...] = (
     RST,
     SLSAM,
     SLSAMPlus,
+    MSAM,
+    SparseMSAM,
 )
 
 

@@ -16,9 +16,11 @@ from lightning_slsam.methods.arsam import ARSAMOptions
 from lightning_slsam.methods.base import BaseOptions
 from lightning_slsam.methods.lagnp import LayerwiseGNPOptions
 from lightning_slsam.methods.looksam import LookSAMOptions
+from lightning_slsam.methods.msam import MSAMOptions
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
 from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.sparse_msam import SparseMSAMOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 
 T = TypeVar("T")
@@ -38,6 +40,8 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
         RSTOptions,
         SLSAMOptions,
         SLSAMPlusOptions,
+        MSAMOptions,
+        SparseMSAMOptions,
     )
 }
 

@@ -168,7 +168,7 @@ class SLSAMOptions(MethodOptions):
         self._check_pins(module, layout)
         seed = broadcast_seed(self.seed)  # every rank samples the same arms
         eligible = torch.ones(len(layout), dtype=torch.bool)
-        method = SLSAMMethod(
+        method = self.method_class()(
             self.rho,
             self.sampler_for(module, layout, eligible, seed),
             max_update_scale=self.max_update_scale,
@@ -176,6 +176,10 @@ class SLSAMOptions(MethodOptions):
         )
         method.name = self.label
         return method
+
+    def method_class(self) -> type[SLSAMMethod]:
+        """The method :meth:`build` makes on the sampler of these options (``sparse_msam`` runs its own)."""
+        return SLSAMMethod
 
 
 @dataclasses.dataclass(frozen=True)
