@@ -105,6 +105,10 @@ PAGES_WITH_CODE = [p.relative_to(DOCS).as_posix() for p in doc_pages() if python
 def test_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every unmarked python block of ``page`` runs, in order, in one namespace."""
     monkeypatch.chdir(tmp_path)
+    # an example that starts a process group (docs/guide/sharded.md) sets these; they go when the test ends, so
+    # that later tests' subprocesses do not inherit a port this process may still hold
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
     namespace: dict[str, object] = {"__name__": "docs_example_" + re.sub(r"\W", "_", page)}
     for block in python_blocks(DOCS / page):
         if block.skipped:

@@ -25,12 +25,18 @@ METHODS = ["base", "sam", "slsam", "slsam_plus", "rst"]
 pytestmark = pytest.mark.slow
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment without a process group's rendezvous variables (a subprocess picks its own)."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("fsdp2")
     # the package of this checkout, also where another one is installed (editable install, worktrees)
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {**clean_environment(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(STEPS)],
         capture_output=True,
@@ -123,7 +129,7 @@ LIGHTNING_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_lightning.py"
 def run_lightning(out: Path, *args: str) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {**clean_environment(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(LIGHTNING_SCRIPT), str(out), *args],
         capture_output=True,
@@ -205,9 +211,7 @@ def test_causal_lm_shards_one_unit_per_decoder_layer() -> None:
 
     from lightning_slsam.models.causal_lm import CausalLM, decoder_layers
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29587")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     try:
         module = CausalLM(tiny=True)
         module._device_mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
@@ -239,7 +243,7 @@ def test_slsam_train_runs_the_llm_recipe_on_two_sharded_cpu_ranks(tmp_path: Path
         f"hydra.run.dir={tmp_path}",
     ]
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = {**clean_environment(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     record = json.loads((tmp_path / "result.json").read_text())
