@@ -26,8 +26,10 @@ pytestmark = pytest.mark.slow
 
 
 def clean_environment() -> dict[str, str]:
-    """This process's environment without a process group's rendezvous variables (a subprocess picks its own)."""
-    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+    """This process's environment without a process group's rendezvous variables (a subprocess picks its own) and
+    without the global seed an earlier ``seed_everything`` left (Lightning's launcher would reseed every rank with
+    it, and a reference run in one process would not be reseeded)."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "PL_GLOBAL_SEED")
     return {k: v for k, v in os.environ.items() if k not in names}
 
 
