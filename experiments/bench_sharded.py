@@ -14,8 +14,9 @@ Measured per rank and reported as the mean over ranks:
 
 - ``step_s``: median wall time of a step (CUDA synchronised at both ends);
 - ``peak_mib``: on CUDA ``max_memory_allocated`` over the timed steps; on a CPU the growth of the process's peak RSS
-  over the timed steps (the kernel's counter reset after the warm-up where Linux allows it): what the steps
-  allocate beyond the model and AdamW's state, which exist from the warm-up on;
+  over the timed steps (VmHWM after resetting the kernel's counter at the end of the warm-up, minus the RSS then,
+  as ``bench_step.py`` measures it): what the steps allocate beyond the model and AdamW's state, which exist from
+  the warm-up on;
 - ``grad_mib``: the bytes of the gradients that exist when the optimizer steps (the local shards of every
   parameter with a gradient, counted at the optimizer's step pre-hook: deterministic, no allocator involved), and
   ``grad_ratio`` against a dense step's (every parameter's shard).
@@ -28,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import socket
 import statistics
 import sys
@@ -40,6 +39,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_step, beside this file
+import bench_step  # its memory probes and machine description
 
 PRESETS: dict[str, dict[str, int]] = {
     # layers, width, heads, vocabulary, tokens per sequence, sequences per rank
@@ -72,29 +74,6 @@ def build_model(preset: dict[str, int], device: torch.device) -> torch.nn.Module
     )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).to(device)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def _rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _peak_rss_mib()
 
 
 def run_rank(rank: int, world: int, port: int, method: str, preset_name: str, args: dict, out: str) -> None:
@@ -135,7 +114,6 @@ def run_rank(rank: int, world: int, port: int, method: str, preset_name: str, ar
         return next_token_loss(model(input_ids=tokens).logits, tokens)
 
     times = []
-    peak = 0.0
     for step in range(args["warmup"] + args["steps"]):
         if step == args["warmup"]:
             grad_bytes.clear()
@@ -143,8 +121,9 @@ def run_rank(rank: int, world: int, port: int, method: str, preset_name: str, ar
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
             else:
-                resettable = _reset_peak_rss()
-                rss_start = _rss_mib() if resettable else _peak_rss_mib()
+                resettable = bench_step._reset_peak_rss()
+                rss_start = bench_step._proc_status_mib("VmRSS")
+                maxrss_start = bench_step._max_rss_mib()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -154,7 +133,14 @@ def run_rank(rank: int, world: int, port: int, method: str, preset_name: str, ar
             torch.cuda.synchronize()
         if step >= args["warmup"]:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mib() - rss_start
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # as bench_step's memory_child: VmHWM after clear_refs, else the growth of ru_maxrss
+        hwm = bench_step._proc_status_mib("VmHWM")
+        if resettable and hwm is not None and rss_start is not None:
+            peak = hwm - rss_start
+        else:
+            peak = bench_step._max_rss_mib() - maxrss_start
     record = {
         "rank": rank,
         "step_s": statistics.median(times),
@@ -177,15 +163,7 @@ def free_port() -> int:
 def machine_line(cpu: bool) -> str:
     if torch.cuda.is_available() and not cpu:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{bench_step.cpu_model()}, {bench_step.available_cores()} cores, torch {torch.__version__}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
