@@ -33,21 +33,20 @@ def clean_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("fsdp2")
+def run_command(command: list[str], cwd: Path | None = None) -> None:
+    """Run ``command`` (its ranks start their own process group) with this checkout's package, one thread per
+    process, and fail with its output's tail unless it succeeds."""
     # the package of this checkout, also where another one is installed (editable install, worktrees)
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
     env = {**clean_environment(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(STEPS)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=cwd)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("fsdp2")
+    run_command([sys.executable, str(SCRIPT), str(out), str(STEPS)])
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -130,17 +129,7 @@ LIGHTNING_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_lightning.py"
 
 def run_lightning(out: Path, *args: str) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
-    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**clean_environment(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(LIGHTNING_SCRIPT), str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    run_command([sys.executable, str(LIGHTNING_SCRIPT), str(out), *args])
     world = 1 if args[0] == "single" else 2
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -244,10 +233,7 @@ def test_slsam_train_runs_the_llm_recipe_on_two_sharded_cpu_ranks(tmp_path: Path
         "logger=none",
         f"hydra.run.dir={tmp_path}",
     ]
-    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
-    env = {**clean_environment(), "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    run_command(command, cwd=tmp_path)
     record = json.loads((tmp_path / "result.json").read_text())
     assert record["finished"] is True and record["steps"] == 2
     assert record["config"]["trainer"]["strategy"]["_target_"].endswith("ModelParallelStrategy")
