@@ -479,11 +479,66 @@ def cost_table(
     return lines
 
 
+def read_benches(paths: list[str]) -> dict[str, dict[str, Any]]:
+    """Each sweep method's row of the step benchmarks in ``paths`` (the first file that has the method's bench name
+    wins); every ratio in a row is against the base optimizer of the row's own benchmark run."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        measured = json.loads(Path(path).read_text())["results"]
+        for method in METHODS:
+            if method not in rows and (name := bench_name(method)) in measured:
+                rows[method] = dict(measured[name], bench=Path(path).name)
+    return rows
+
+
+def frontier(
+    runs: list[dict[str, Any]], cost: dict[str, float], memory: dict[str, float | None]
+) -> list[dict[str, Any]]:
+    """Each method that has a step-time ratio, at its best-epoch learning rate: accuracy (mean, std, seeds, %),
+    step time and peak memory against the base optimizer, and whether it is on the time frontier (no other method is
+    at most as slow and more accurate). Sorted by step time."""
+    chosen = best_learning_rates(runs, "best")
+    points = []
+    for method in METHODS:
+        if method not in chosen or method not in cost:
+            continue
+        values = [100 * r["best"] for r in runs if r["method"] == method and r["lr"] == chosen[method]]
+        mean, std = _mean_std(values)
+        points.append(
+            {
+                "method": method,
+                "lr": chosen[method],
+                "seeds": len(values),
+                "accuracy": mean,
+                "std": std,
+                "time": cost[method],
+                "memory": memory.get(method),
+            }
+        )
+    for p in points:
+        p["frontier"] = not any(q is not p and q["time"] <= p["time"] and q["accuracy"] > p["accuracy"] for q in points)
+    return sorted(points, key=lambda p: (p["time"], -p["accuracy"]))
+
+
+def frontier_table(points: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of ``frontier``'s points, cheapest first."""
+    lines = [
+        "| method | lr | seeds | accuracy (%) | step time x AdamW | peak memory x AdamW | on the frontier |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for p in points:
+        mem = f"{p['memory']:.2f}" if p["memory"] else "-"
+        lines.append(
+            f"| `{p['method']}` | {p['lr']:g} | {p['seeds']} | {p['accuracy']:.1f} ± {p['std']:.1f} | "
+            f"{p['time']:.2f} | {mem} | {'yes' if p['frontier'] else ''} |"
+        )
+    return lines
+
+
 def report(args: argparse.Namespace) -> int:
     summary = json.loads(Path(args.summary).read_text())
     runs, task = summary["runs"], summary["task"]
-    measured = json.loads(Path(args.bench).read_text())["results"] if args.bench else {}
-    bench = {m: measured[name] for m in METHODS if (name := bench_name(m)) in measured}
+    bench = read_benches(args.bench or [])
     cost = {m: row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
     cost_sam = {m: row.get("cost_vs_sam") for m, row in bench.items()}
     memory = {m: row.get("memory_vs_base") for m, row in bench.items()}
@@ -527,24 +582,42 @@ def report(args: argparse.Namespace) -> int:
             "",
             *controls,
         ]
+    points = frontier(runs, cost, memory) if cost else []
     if cost:
-        lines += ["", "Cost (step benchmark, same model and batch):", "", *cost_table(cost, cost_sam, memory, order)]
+        sources = sorted({row["bench"] for row in bench.values()})
+        lines += [
+            "",
+            "Cost (step benchmark, same model and batch; " + ", ".join(f"`{s}`" for s in sources) + "):",
+            "",
+            *cost_table(cost, cost_sam, memory, order),
+            "",
+            "The frontier: each method at its best-epoch rate against its step time and peak memory (a method is on "
+            "the frontier when no method at most as slow is more accurate):",
+            "",
+            *frontier_table(points),
+        ]
     assets = Path(args.assets)
     assets.mkdir(parents=True, exist_ok=True)
     chosen = best_learning_rates(runs, "best")
     stats = {m: {"runs": [r for r in runs if r["method"] == m and r["lr"] == chosen[m]]} for m in order}
     figure = _plot_accuracy_vs_time(task, order, stats, cost, assets / f"{task}_accuracy_vs_time.png")
+    frontier_figure = _plot_frontier(task, points, assets / f"{task}_frontier.png") if points else None
     heatmaps = _plot_heatmaps(task, runs, chosen, assets)
     prefix = args.image_prefix
     text = "\n".join(lines) + "\n"
     if figure:
         text += f"\n![accuracy against time, {task}]({prefix}{figure.name})\n"
+    if frontier_figure:
+        text += f"\n![accuracy against step time and peak memory, {task}]({prefix}{frontier_figure.name})\n"
     for path in heatmaps:
         text += f"\n![sampling probabilities, {path.stem}]({prefix}{path.name})\n"
     if args.page:
         _write_into_page(Path(args.page), task, text)
     out = Path(args.out) if args.out else Path(args.summary).with_suffix(".md")
     out.write_text(text)
+    if points:
+        record = {"task": task, "bench": sorted({row["bench"] for row in bench.values()}), "points": points}
+        out.with_suffix(".frontier.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text)
     return 0
 
@@ -609,6 +682,89 @@ def _plot_accuracy_vs_time(
     return path
 
 
+def _plot_frontier(task: str, points: list[dict[str, Any]], path: Path) -> Path | None:
+    """Two panels, accuracy (mean ± std over seeds at each method's best rate) against step time and against peak
+    memory, both relative to the base optimizer; one point per method, ``rho=0`` controls hollow, the time
+    frontier joined by a line."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    figure = Figure(figsize=(11, 4.8))
+    axes = figure.subplots(1, 2, sharey=True)
+    for ax, key, label in ((axes[0], "time", "step time"), (axes[1], "memory", "peak memory")):
+        for index, p in enumerate(points):
+            if p[key] is None:
+                continue
+            control = p["method"].endswith("_rho0")
+            colour = f"C{index % 10}"
+            ax.errorbar(
+                p[key],
+                p["accuracy"],
+                yerr=p["std"],
+                marker=MARKERS[index % len(MARKERS)],
+                color=colour,
+                markerfacecolor="none" if control else colour,
+                markersize=6,
+                capsize=2,
+                linewidth=0.8,
+            )
+            ax.annotate(p["method"], (p[key], p["accuracy"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+        if key == "time":
+            front = [p for p in points if p["frontier"]]
+            ax.plot([p["time"] for p in front], [p["accuracy"] for p in front], color="grey", linewidth=0.8, zorder=0)
+        ax.axvline(1.0, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel(f"{label} x AdamW (interleaved step benchmark)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("best-epoch validation accuracy (%, mean ± std over seeds)")
+    figure.suptitle(f"{task}: accuracy against cost, each at its best rate (hollow: rho=0 controls)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+#: the budgets of the cross-task table: a name and the most step time (x AdamW) a method may take, None for any
+BUDGETS: tuple[tuple[str, float | None], ...] = (
+    ("AdamW's step time (≤ 1.0x)", 1.0),
+    ("≤ 1.3x AdamW", 1.3),
+    ("≤ 1.6x AdamW", 1.6),
+    ("any (SAM is about 2x)", None),
+)
+
+
+def budget_table(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows, one per budget of ``BUDGETS``, one column per task (a ``.frontier.json`` record): the most
+    accurate method whose step time fits the budget, with its accuracy, its gap to AdamW (points) and the seed
+    spread, read off the task's frontier."""
+    lines = [
+        "| budget | " + " | ".join(f"`{r['task']}`" for r in records) + " |",
+        "|---|" + "---|" * len(records),
+    ]
+    for name, limit in BUDGETS:
+        cells = []
+        for record in records:
+            points = record["points"]
+            base = next((p for p in points if p["method"] == "base"), None)
+            fits = [p for p in points if limit is None or p["time"] <= limit + 1e-9]
+            if not fits:
+                cells.append("-")
+                continue
+            best = max(fits, key=lambda p: p["accuracy"])
+            gap = f", {best['accuracy'] - base['accuracy']:+.1f} vs AdamW" if base else ""
+            cells.append(f"`{best['method']}` {best['accuracy']:.1f} ± {best['std']:.1f}{gap} ({best['time']:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def budget(args: argparse.Namespace) -> int:
+    records = [json.loads(Path(path).read_text()) for path in args.frontiers]
+    text = "\n".join(budget_table(records)) + "\n"
+    if args.page:
+        _write_into_page(Path(args.page), "budget", text)
+    print(text)
+    return 0
+
+
 #: the methods whose sampling probabilities (seed 0, best-epoch learning rate) are drawn as a heatmap
 HEATMAP_METHODS = ("slsam", "slsam_scaled", "slsam_scaled_s05", "slsam_plus")
 
@@ -665,17 +821,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_rep = sub.add_parser("report", help="markdown tables and figures from a summary")
     p_rep.add_argument("summary")
-    p_rep.add_argument("--bench", default=None, help="the step benchmark's JSON (step-time and memory ratios)")
+    p_rep.add_argument(
+        "--bench",
+        nargs="+",
+        default=None,
+        help="the step benchmarks' JSON files (step-time and memory ratios; a method's row comes from the first "
+        "file that has it)",
+    )
     p_rep.add_argument("--assets", default="docs/assets/results/separating")
     p_rep.add_argument("--out", default=None, help="markdown output (default: the summary's path with .md)")
     p_rep.add_argument("--page", default=None, help="also write the markdown into this page's separating block")
     p_rep.add_argument(
         "--image-prefix", default="", help="prefix of the figure links (e.g. assets/results/separating/)"
     )
+    p_bud = sub.add_parser("budget", help="the cross-task budget table from the reports' .frontier.json files")
+    p_bud.add_argument("frontiers", nargs="+")
+    p_bud.add_argument("--page", default=None, help="also write the table into this page's 'budget' block")
     args = parser.parse_args(argv)
     if args.command == "run" and args.jobs < 1:
         parser.error("--jobs must be >= 1")
-    return {"run": run, "summarize": summarize, "report": report}[args.command](args)
+    return {"run": run, "summarize": summarize, "report": report, "budget": budget}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -124,10 +124,80 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
     assert base_final == "| `base` | 0.001 | 2 | 62.0 ± 0.0 | -10.0 | +0.0 | 0/2; 0 of 1 rates |"
     assert "| `sam` | 2.00 | 1.00 | 1.10 |" in text  # the cost table
+    # the frontier: base (62.0 at 1.0x) and SAM (72.0 at 2.0x); neither is beaten by a cheaper method
+    assert "| `base` | 0.001 | 2 | 62.0 ± 0.0 | 1.00 | 1.00 | yes |" in text
+    assert "| `sam` | 0.001 | 2 | 72.0 ± 0.0 | 2.00 | 1.10 | yes |" in text
+    record = json.loads(markdown.with_suffix(".frontier.json").read_text())
+    assert record["task"] == "digits_noisy" and record["bench"] == ["bench.json"]
+    assert [p["method"] for p in record["points"]] == ["base", "sam"]
     assert "old" not in page.read_text() and "| `sam` | 0.001 | 2 |" in page.read_text()
     assert page.read_text().endswith("<!-- end separating: digits_noisy -->\ntail\n")
     pytest.importorskip("matplotlib")
     assert (assets / "digits_noisy_accuracy_vs_time.png").is_file()
+    assert (assets / "digits_noisy_frontier.png").is_file()
+    assert "digits_noisy_frontier.png" in text
+
+
+def test_benches_are_merged_first_file_first(tasks, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"results": {"base": {"cost_vs_base": 1.0}, "sam": {"cost_vs_base": 2.0}}}))
+    second.write_text(json.dumps({"results": {"sam": {"cost_vs_base": 9.0}, "sparse_msam": {"cost_vs_base": 0.9}}}))
+    rows = tasks.read_benches([str(first), str(second)])
+    assert rows["sam"]["cost_vs_base"] == 2.0 and rows["sam"]["bench"] == "a.json"
+    assert rows["sparse_msam"]["cost_vs_base"] == 0.9 and rows["sparse_msam"]["bench"] == "b.json"
+    assert set(rows) == {"base", "sam", "sparse_msam"}
+
+
+def _reference_frontier(means: dict[str, float], cost: dict[str, float]) -> set[str]:
+    """By the definition, pair by pair: a method is off the frontier when some other method costs no more and has
+    a higher mean accuracy."""
+    return {m for m in means if not any(o != m and cost[o] <= cost[m] and means[o] > means[m] for o in means)}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_frontier_equals_the_pairwise_definition(tasks, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    methods = ["base", "sam", "looksam", "slsam", "slsam_plus", "slsam_plus_rho0", "msam", "sparse_msam"]
+    cost = {m: rng.choice([0.8, 1.0, 1.2, 1.5, 2.0]) for m in methods}
+    runs, means = [], {}
+    for m in methods:
+        for lr in (1e-3, 1e-2):
+            accs = [rng.uniform(0.5, 0.9) for _ in range(3)]
+            runs += [{"method": m, "lr": lr, "seed": i, "best": a, "final": a} for i, a in enumerate(accs)]
+            means[m] = max(means.get(m, 0.0), 100 * sum(accs) / 3)
+    points = tasks.frontier(runs, cost, {m: 1.0 for m in methods})
+    assert {p["method"] for p in points if p["frontier"]} == _reference_frontier(means, cost)
+    for p in points:
+        assert p["accuracy"] == pytest.approx(means[p["method"]])
+    assert [p["time"] for p in points] == sorted(p["time"] for p in points)
+    # a method without a step time is not a point
+    assert "rst" not in {p["method"] for p in tasks.frontier([*runs, dict(runs[0], method="rst")], cost, {})}
+
+
+def test_budget_table_takes_the_most_accurate_method_within_each_budget(tasks, tmp_path: Path) -> None:
+    def point(method: str, accuracy: float, time: float) -> dict:
+        return {"method": method, "accuracy": accuracy, "std": 0.5, "time": time}
+
+    clean = {
+        "task": "clean",
+        "points": [point("sparse_msam", 90.0, 0.9), point("base", 91.0, 1.0), point("sam", 92.0, 2.0)],
+    }
+    noisy = {"task": "noisy", "points": [point("base", 80.0, 1.0), point("slsam_plus", 85.0, 1.5)]}
+    paths = []
+    for record in (clean, noisy):
+        paths.append(tmp_path / f"{record['task']}.frontier.json")
+        paths[-1].write_text(json.dumps(record))
+    page = tmp_path / "results.md"
+    page.write_text("<!-- separating: budget -->\nold\n<!-- end separating: budget -->\n")
+    assert tasks.main(["budget", *map(str, paths), "--page", str(page)]) == 0
+    rows = {line.split(" | ")[0]: line for line in page.read_text().splitlines() if line.startswith("| ")}
+    at_adamw = rows["| AdamW's step time (≤ 1.0x)"]
+    assert "`base` 91.0 ± 0.5, +0.0 vs AdamW (1.00x)" in at_adamw and "`base` 80.0" in at_adamw
+    assert "`slsam_plus` 85.0 ± 0.5, +5.0 vs AdamW (1.50x)" in rows["| ≤ 1.6x AdamW"]
+    assert "`sam` 92.0 ± 0.5, +1.0 vs AdamW (2.00x)" in rows["| any (SAM is about 2x)"]
+    assert "old" not in page.read_text()
 
 
 def test_merge_keeps_earlier_runs_and_replaces_reruns(tasks, tmp_path: Path) -> None:
