@@ -491,12 +491,17 @@ def read_benches(paths: list[str]) -> dict[str, dict[str, Any]]:
     return rows
 
 
+#: a method's point counts for the frontier and the budget table only with at least this many seeds at its rate
+FRONTIER_MIN_SEEDS = 3
+
+
 def frontier(
     runs: list[dict[str, Any]], cost: dict[str, float], memory: dict[str, float | None]
 ) -> list[dict[str, Any]]:
     """Each method that has a step-time ratio, at its best-epoch learning rate: accuracy (mean, std, seeds, %),
     step time and peak memory against the base optimizer, and whether it is on the time frontier (no other method is
-    at most as slow and more accurate). Sorted by step time."""
+    at most as slow and more accurate; only points with ``FRONTIER_MIN_SEEDS`` seeds take part). Sorted by step
+    time."""
     chosen = best_learning_rates(runs, "best")
     points = []
     for method in METHODS:
@@ -515,8 +520,11 @@ def frontier(
                 "memory": memory.get(method),
             }
         )
+    counted = [p for p in points if p["seeds"] >= FRONTIER_MIN_SEEDS]
     for p in points:
-        p["frontier"] = not any(q is not p and q["time"] <= p["time"] and q["accuracy"] > p["accuracy"] for q in points)
+        p["frontier"] = p["seeds"] >= FRONTIER_MIN_SEEDS and not any(
+            q is not p and q["time"] <= p["time"] and q["accuracy"] > p["accuracy"] for q in counted
+        )
     return sorted(points, key=lambda p: (p["time"], -p["accuracy"]))
 
 
@@ -592,7 +600,8 @@ def report(args: argparse.Namespace) -> int:
             *cost_table(cost, cost_sam, memory, order),
             "",
             "The frontier: each method at its best-epoch rate against its step time and peak memory (a method is on "
-            "the frontier when no method at most as slow is more accurate):",
+            "the frontier when no method at most as slow is more accurate; a method with fewer than "
+            f"{FRONTIER_MIN_SEEDS} seeds at its rate is listed but takes no part):",
             "",
             *frontier_table(points),
         ]
@@ -745,7 +754,12 @@ def budget_table(records: list[dict[str, Any]]) -> list[str]:
         for record in records:
             points = record["points"]
             base = next((p for p in points if p["method"] == "base"), None)
-            fits = [p for p in points if limit is None or p["time"] <= limit + 1e-9]
+            fits = [
+                p
+                for p in points
+                if p.get("seeds", FRONTIER_MIN_SEEDS) >= FRONTIER_MIN_SEEDS
+                and (limit is None or p["time"] <= limit + 1e-9)
+            ]
             if not fits:
                 cells.append("-")
                 continue

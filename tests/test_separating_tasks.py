@@ -124,9 +124,9 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
     assert base_final == "| `base` | 0.001 | 2 | 62.0 ± 0.0 | -10.0 | +0.0 | 0/2; 0 of 1 rates |"
     assert "| `sam` | 2.00 | 1.00 | 1.10 |" in text  # the cost table
-    # the frontier: base (62.0 at 1.0x) and SAM (72.0 at 2.0x); neither is beaten by a cheaper method
-    assert "| `base` | 0.001 | 2 | 62.0 ± 0.0 | 1.00 | 1.00 | yes |" in text
-    assert "| `sam` | 0.001 | 2 | 72.0 ± 0.0 | 2.00 | 1.10 | yes |" in text
+    # the frontier's points: base (62.0 at 1.0x) and SAM (72.0 at 2.0x), listed; with 2 seeds neither is on it
+    assert "| `base` | 0.001 | 2 | 62.0 ± 0.0 | 1.00 | 1.00 |  |" in text
+    assert "| `sam` | 0.001 | 2 | 72.0 ± 0.0 | 2.00 | 1.10 |  |" in text
     record = json.loads(markdown.with_suffix(".frontier.json").read_text())
     assert record["task"] == "digits_noisy" and record["bench"] == ["bench.json"]
     assert [p["method"] for p in record["points"]] == ["base", "sam"]
@@ -172,6 +172,11 @@ def test_frontier_equals_the_pairwise_definition(tasks, seed: int) -> None:
     for p in points:
         assert p["accuracy"] == pytest.approx(means[p["method"]])
     assert [p["time"] for p in points] == sorted(p["time"] for p in points)
+    # a method with fewer seeds at its best rate is listed but is never on the frontier and hides no other point
+    lone = [{"method": "rst", "lr": 1e-3, "seed": 0, "best": 1.0, "final": 1.0}]
+    points = tasks.frontier([*runs, *lone], {**cost, "rst": 0.1}, {})
+    assert not next(p for p in points if p["method"] == "rst")["frontier"]
+    assert {p["method"] for p in points if p["frontier"]} == _reference_frontier(means, cost)
     # a method without a step time is not a point
     assert "rst" not in {p["method"] for p in tasks.frontier([*runs, dict(runs[0], method="rst")], cost, {})}
 
@@ -184,7 +189,10 @@ def test_budget_table_takes_the_most_accurate_method_within_each_budget(tasks, t
         "task": "clean",
         "points": [point("sparse_msam", 90.0, 0.9), point("base", 91.0, 1.0), point("sam", 92.0, 2.0)],
     }
-    noisy = {"task": "noisy", "points": [point("base", 80.0, 1.0), point("slsam_plus", 85.0, 1.5)]}
+    noisy = {
+        "task": "noisy",
+        "points": [point("base", 80.0, 1.0), point("slsam_plus", 85.0, 1.5), dict(point("rst", 99.0, 1.1), seeds=1)],
+    }
     paths = []
     for record in (clean, noisy):
         paths.append(tmp_path / f"{record['task']}.frontier.json")
