@@ -343,3 +343,43 @@ def test_control_table_splits_the_gain_into_sparsity_and_ascent(tasks) -> None:
         "| `slsam_plus` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
     ]
     assert tasks.control_table([r for r in runs if r["method"] != "base"]) == []
+
+
+ROOT = SCRIPT.parents[1]
+SEPARATING = ROOT / "experiments" / "results" / "separating"
+#: the step benchmarks each task's report reads, as in the results page's commands
+PAGE_BENCHES = {
+    "digits": ["step_resnet20_digits_frontier_cpu-1t.json", "step_resnet20_digits_cpu-1t.json"],
+    "sst2": ["step_minilm_sst2_frontier_cpu-1t.json", "step_minilm_sst2_cpu-1t.json"],
+}
+
+
+def _page_block(page: str, task: str) -> str:
+    start = f"<!-- separating: {task} -->\n"
+    return page[page.index(start) + len(start) : page.index(f"<!-- end separating: {task} -->")]
+
+
+@pytest.mark.parametrize("task", ["digits_noisy", "sst2_noisy", "digits_clean", "digits_clean_long", "sst2_clean"])
+def test_the_results_page_shows_what_the_committed_summary_gives(tasks, task: str, tmp_path: Path) -> None:
+    """Each task's block of docs/results.md is the report of the committed summary, and the budget table is the one
+    the reports' frontiers give: no number on the page is typed by hand."""
+    pytest.importorskip("matplotlib")  # the block links the figures only when they can be drawn
+    page = (ROOT / "docs" / "results.md").read_text()
+    summary = SEPARATING / f"{task}.json"
+    benches = [str(SEPARATING / name) for name in PAGE_BENCHES[task.split("_")[0]]]
+    out = tmp_path / f"{task}.md"
+    command = ["report", str(summary), "--bench", *benches, "--assets", str(tmp_path / "assets"), "--out", str(out)]
+    assert tasks.main([*command, "--image-prefix", "assets/results/separating/"]) == 0
+    assert _page_block(page, task).strip() == out.read_text().strip()
+    committed = json.loads((SEPARATING / f"{task}.frontier.json").read_text())
+    assert committed == json.loads(out.with_suffix(".frontier.json").read_text())
+
+
+def test_the_results_page_budget_table_is_the_frontiers(tasks, tmp_path: Path) -> None:
+    names = ["digits_noisy", "sst2_noisy", "digits_clean", "digits_clean_long", "sst2_clean"]
+    page = tmp_path / "results.md"
+    page.write_text("<!-- separating: budget -->\n<!-- end separating: budget -->\n")
+    frontiers = [str(SEPARATING / f"{name}.frontier.json") for name in names]
+    assert tasks.main(["budget", *frontiers, "--page", str(page)]) == 0
+    committed = (ROOT / "docs" / "results.md").read_text()
+    assert _page_block(committed, "budget").strip() == _page_block(page.read_text(), "budget").strip()
