@@ -145,7 +145,12 @@ def test_benches_are_merged_first_file_first(tasks, tmp_path: Path) -> None:
     rows = tasks.read_benches([str(first), str(second)])
     assert rows["sam"]["cost_vs_base"] == 2.0 and rows["sam"]["bench"] == "a.json"
     assert rows["sparse_msam"]["cost_vs_base"] == 0.9 and rows["sparse_msam"]["bench"] == "b.json"
-    assert set(rows) == {"base", "sam", "sparse_msam"}
+    # a method that differs from a measured one only in a nonzero radius costs what that one costs
+    assert rows["sparse_msam_r0.3"]["cost_vs_base"] == 0.9 and "sparse_msam's row" in rows["sparse_msam_r0.3"]["bench"]
+    assert set(rows) == {"base", "sam", "sparse_msam", "sparse_msam_r0.3"}
+    # ... but not one at rho=0, whose step skips work
+    second.write_text(json.dumps({"results": {"sparse_msam": {"cost_vs_base": 0.9}}}))
+    assert "sparse_msam_rho0" not in tasks.read_benches([str(second)])
 
 
 def _reference_frontier(means: dict[str, float], cost: dict[str, float]) -> set[str]:
