@@ -340,6 +340,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _accuracies(runs: list[dict[str, Any]], method: str, lr: Any, metric: str) -> list[float]:
+    """``metric`` (``"best"`` or ``"final"``) of ``method``'s runs at ``lr``, in percent, one per seed."""
+    return [100 * r[metric] for r in runs if r["method"] == method and r["lr"] == lr]
+
+
 def best_learning_rates(runs: list[dict[str, Any]], metric: str = "final") -> dict[str, Any]:
     """Each method's learning rate with the highest mean ``metric`` (``"final"`` or ``"best"``) over its seeds
     (ties: more seeds)."""
@@ -398,7 +403,7 @@ def accuracy_table(
     base's whole run's time."""
     chosen = best_learning_rates(runs, metric)
     order = [m for m in METHODS if m in chosen]
-    values = {m: [100 * r[metric] for r in runs if r["method"] == m and r["lr"] == chosen[m]] for m in order}
+    values = {m: _accuracies(runs, m, chosen[m], metric) for m in order}
     base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)
     timed = cost is not None and base_steps is not None
     header = "| method | lr | seeds | accuracy (%) | − SAM | − base | diverged: seeds at lr; rates |" + (
@@ -442,8 +447,7 @@ def control_table(runs: list[dict[str, Any]]) -> list[str]:
     for metric in ("best", "final"):
         chosen = best_learning_rates(runs, metric)
         for method, lr in chosen.items():
-            values = [100 * r[metric] for r in runs if r["method"] == method and r["lr"] == lr]
-            means.setdefault(method, {})[metric] = statistics.fmean(values)
+            means.setdefault(method, {})[metric] = statistics.fmean(_accuracies(runs, method, lr, metric))
     lines = [
         "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
         "|---|---:|---:|---:|",
@@ -515,7 +519,7 @@ def frontier(
     for method in METHODS:
         if method not in chosen or method not in cost:
             continue
-        values = [100 * r["best"] for r in runs if r["method"] == method and r["lr"] == chosen[method]]
+        values = _accuracies(runs, method, chosen[method], "best")
         mean, std = _mean_std(values)
         points.append(
             {
@@ -598,9 +602,10 @@ def report(args: argparse.Namespace) -> int:
             "",
             *controls,
         ]
-    points = frontier(runs, cost, memory) if cost else []
+    points: list[dict[str, Any]] = []
+    sources = sorted({row["bench"] for row in bench.values()})
     if cost:
-        sources = sorted({row["bench"] for row in bench.values()})
+        points = frontier(runs, cost, memory)
         lines += [
             "",
             "Cost (step benchmark, same model and batch; " + ", ".join(f"`{s}`" for s in sources) + "):",
@@ -633,7 +638,7 @@ def report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.summary).with_suffix(".md")
     out.write_text(text)
     if points:
-        record = {"task": task, "bench": sorted({row["bench"] for row in bench.values()}), "points": points}
+        record = {"task": task, "bench": sources, "points": points}
         out.with_suffix(".frontier.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text)
     return 0
