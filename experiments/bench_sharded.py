@@ -121,9 +121,7 @@ def run_rank(rank: int, world: int, port: int, method: str, preset_name: str, ar
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
             else:
-                resettable = bench_step._reset_peak_rss()
-                rss_start = bench_step._proc_status_mib("VmRSS")
-                maxrss_start = bench_step._max_rss_mib()
+                rss_growth = bench_step.PeakRssGrowth()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -133,14 +131,7 @@ def run_rank(rank: int, world: int, port: int, method: str, preset_name: str, ar
             torch.cuda.synchronize()
         if step >= args["warmup"]:
             times.append(time.perf_counter() - start)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:  # as bench_step's memory_child: VmHWM after clear_refs, else the growth of ru_maxrss
-        hwm = bench_step._proc_status_mib("VmHWM")
-        if resettable and hwm is not None and rss_start is not None:
-            peak = hwm - rss_start
-        else:
-            peak = bench_step._max_rss_mib() - maxrss_start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else rss_growth.read()["peak_rss_growth_mib"]
     record = {
         "rank": rank,
         "step_s": statistics.median(times),

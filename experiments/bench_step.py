@@ -536,24 +536,36 @@ def _max_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+class PeakRssGrowth:
+    """This process's peak RSS growth (MiB) from construction on: ``VmHWM`` after resetting the kernel's counter
+    minus the RSS then, or, where the counter cannot be reset, the growth of ``ru_maxrss``."""
+
+    def __init__(self) -> None:
+        self.reset = _reset_peak_rss()
+        self.rss_before = _proc_status_mib("VmRSS")
+        self.maxrss_before = _max_rss_mib()
+
+    def read(self) -> dict[str, Any]:
+        """``peak_rss_growth_mib`` and ``how`` it was measured (with ``rss_before_mib`` where the counter reset)."""
+        hwm = _proc_status_mib("VmHWM")
+        if self.reset and hwm is not None and self.rss_before is not None:
+            return {
+                "peak_rss_growth_mib": hwm - self.rss_before,
+                "rss_before_mib": self.rss_before,
+                "how": "VmHWM after clear_refs minus VmRSS before fit",
+            }
+        return {"peak_rss_growth_mib": _max_rss_mib() - self.maxrss_before, "how": "ru_maxrss growth during fit"}
+
+
 def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     """In a fresh process: peak RSS growth (MiB) over ``--memory-steps`` steps of one method, from just before fit."""
     preset = PRESETS[args.preset]
     make_module, batches = preset.build(args.batch_size or preset.batch_size, torch.Generator().manual_seed(0))
     fit = prepare_fit(make_module, batches, args.memory_child, 0, args.memory_steps, "cpu", args.precision)
     gc.collect()
-    reset = _reset_peak_rss()
-    rss_before = _proc_status_mib("VmRSS")
-    maxrss_before = _max_rss_mib()
+    growth = PeakRssGrowth()
     fit.run()
-    hwm = _proc_status_mib("VmHWM")
-    if reset and hwm is not None and rss_before is not None:
-        return {
-            "peak_rss_growth_mib": hwm - rss_before,
-            "rss_before_mib": rss_before,
-            "how": "VmHWM after clear_refs minus VmRSS before fit",
-        }
-    return {"peak_rss_growth_mib": _max_rss_mib() - maxrss_before, "how": "ru_maxrss growth during fit"}
+    return growth.read()
 
 
 def measure_cpu_memory(args: argparse.Namespace, method: str) -> dict[str, Any]:
