@@ -78,6 +78,16 @@ TASKS: dict[str, list[str]] = {
         "scheduler=cosine",
         "rho=0.05",
     ],
+    # few examples: the same network on 100 clean digits (about 10 a class) for 30 epochs (60 steps, the second batch
+    # of each epoch 36 images), the place where SAM is most likely to separate from AdamW without label noise
+    "digits_clean_few": [
+        "experiment=digits_resnet20",
+        "data.train_limit=100",
+        "data.label_noise=0",
+        "trainer.max_epochs=30",
+        "scheduler=cosine",
+        "rho=0.05",
+    ],
     # MiniLM on 1,000 clean SST-2 sentences, 4 epochs (128 steps of 32); the data path is absolute so that any
     # checkout under /work finds it
     "sst2_clean": [
@@ -97,6 +107,7 @@ CHANCE: dict[str, float] = {
     "digits_noisy": 0.1,
     "digits_clean": 0.1,
     "digits_clean_long": 0.1,
+    "digits_clean_few": 0.1,
     "sst2_noisy": 444 / 872,
     "sst2_clean": 444 / 872,
 }
@@ -173,6 +184,10 @@ METHODS: dict[str, list[str]] = {
     # Momentum-SAM's radius of 3 (the authors', from-scratch training) collapses the pretrained MiniLM; 0.3 trains
     "msam_r0.3": ["method=msam", "method.rho=0.3"],
     "sparse_msam_r0.3": ["method=sparse_msam", "method.rho=0.3"],
+    # slsam_plus with AE-SAM's gate on the second pass: the ascent and pass 2 only on steps whose squared pass-1
+    # norm is at least its running mean (c = 0) or half a standard deviation under it (c = -0.5)
+    "slsam_plus_gate0": ["method=slsam_plus", "method.second_pass_gate=0"],
+    "slsam_plus_gate-0.5": ["method=slsam_plus", "method.second_pass_gate=-0.5"],
 }
 
 
@@ -430,11 +445,12 @@ def accuracy_table(
 
 
 #: each sparse variant of the sweep (SL-SAM, sparse_msam) with its ``rho=0`` control: the same sampler, pinned arms and
-#: scaling, no ascent
+#: scaling, no ascent (at ``rho=0`` the radius is gone, so one control serves ``sparse_msam`` at every radius)
 RHO0_CONTROLS: dict[str, str] = {
     "slsam": "slsam_rho0",
     "slsam_plus": "slsam_plus_rho0",
     "sparse_msam": "sparse_msam_rho0",
+    "sparse_msam_r0.3": "sparse_msam_rho0",
 }
 
 

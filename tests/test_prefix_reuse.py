@@ -341,7 +341,9 @@ class FixedSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         mask = torch.tensor([arm.name in self.active for arm in layout.arms])
         assert int(mask.sum()) == len(self.active), [arm.name for arm in layout.arms]
-        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask), max_update_scale=None)
+        return SLSAMMethod(
+            self.options.rho, FixedSampler(len(layout), mask), max_update_scale=None, second_pass_gate=None
+        )
 
 
 def test_module_reading_an_active_parameter_it_does_not_call(replays: list[int]) -> None:

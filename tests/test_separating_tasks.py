@@ -341,11 +341,15 @@ def test_control_table_splits_the_gain_into_sparsity_and_ascent(tasks) -> None:
         *runs_of("slsam_plus_rho0", 1e-2, 0.92, 0.85),
         *runs_of("slsam_plus_rho0", 3e-3, 0.93, 0.84),  # best epoch at 3e-3, last at 1e-2: each its own rate
         *runs_of("slsam", 1e-2, 0.91, 0.90),  # no control swept: no row
+        # at rho=0 the radius is gone: sparse_msam at either radius is split against the one control
+        *runs_of("sparse_msam_r0.3", 1e-2, 0.89, 0.88),
+        *runs_of("sparse_msam_rho0", 1e-2, 0.87, 0.86),
     ]
     assert tasks.control_table(runs) == [
         "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
         "|---|---:|---:|---:|",
         "| `slsam_plus` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
+        "| `sparse_msam_r0.3` | -1.0 / +8.0 | -3.0 / +6.0 | +2.0 / +2.0 |",
     ]
     assert tasks.control_table([r for r in runs if r["method"] != "base"]) == []
 

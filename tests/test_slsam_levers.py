@@ -8,6 +8,7 @@ update is ``w0 + min(1 / p, c) (w - w0)``.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -248,6 +249,9 @@ def test_slsam_plus_levers_can_be_switched_off_to_the_papers_rule(make_trainer, 
         ({"always_active": [3]}, "always_active"),
         ({"bandit_lr": float("inf")}, "bandit_lr"),
         ({"bandit_lr": float("nan")}, "bandit_lr"),
+        ({"second_pass_gate": float("nan")}, "second_pass_gate"),
+        ({"second_pass_gate": float("inf")}, "second_pass_gate"),
+        ({"second_pass_gate": "high"}, "second_pass_gate"),
     ],
 )
 @pytest.mark.parametrize("callback", [SLSAM, SLSAMPlus])
@@ -292,3 +296,117 @@ def test_every_arm_pinned_is_every_arm_active() -> None:
     assert sampler.generator_of() is None
     restored = PinnedArmsSampler(None, torch.ones(3, dtype=torch.bool))
     restored.load_state_dict(sampler.state_dict())
+
+
+# --- the AE-SAM gate on the second pass -----------------------------------------------------------------------------
+def reference_gated_slsam(
+    model: nn.Module,
+    batches: Sequence[Any],
+    masks: Sequence[Sequence[str]],
+    scales: Sequence[dict[str, float]],
+    c: float,
+) -> tuple[list[bool], tuple[float, float]]:
+    """SL-SAM on the given arms, the ascent and pass 2 taken only when ``s = ||g_S||^2 >= mu + c sigma`` (AE-SAM's
+    rule, ``mu``, ``sigma^2`` moving averages with momentum 0.9 updated with ``s`` first), else AdamW on ``g_S``;
+    each arm's update then scaled by ``scales[t][name]``. A python loop; returns the decisions and the final
+    ``(mu, sigma^2)``."""
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    mean = var = None
+    decisions = []
+    for step, (x, y) in enumerate(batches):
+        names = list(masks[step])
+        params = [named[n] for n in names]
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        s = float(sum((g.double() ** 2).sum() for g in grads))
+        mean = s if mean is None else 0.9 * mean + 0.1 * s
+        var = 0.0 if var is None else var
+        var = 0.9 * var + 0.1 * (s - mean) ** 2
+        decisions.append(s >= mean + c * var**0.5)
+        before = [p.detach().clone() for p in params]
+        if decisions[-1]:
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(RHO * g / (norm + 1e-12))
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            with torch.no_grad():
+                for p, w in zip(params, before, strict=True):
+                    p.copy_(w)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, p, w in zip(names, params, before, strict=True):
+                p.copy_(w + scales[step][name] * (p - w))
+    return decisions, (mean, var)
+
+
+@pytest.mark.parametrize(("c", "cap"), [(0.0, 1.0), (-0.5, 2.0)])
+def test_gated_second_pass_matches_reference(make_trainer, tiny_loader, c: float, cap: float) -> None:
+    steps = 12
+    module = TinyNet()
+    ref = copy.deepcopy(module.model)
+    callback = SLSAM(rho=RHO, seed=0, sampler="uniform", sparsity=0.5, max_update_scale=cap, second_pass_gate=c)
+    masks: list[list[str]] = []
+    total_passes = [0]
+
+    class Recorder(L.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            masks.append([n for n, p in pl_module.named_parameters() if p.grad is not None])
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            total_passes.append(callback.record.passes_sum)
+
+    make_trainer(callbacks=[callback, Recorder()], max_steps=steps).fit(module, tiny_loader)
+    passes = [b - a == 2 for a, b in itertools.pairwise(total_passes)]
+    scales = [{n.removeprefix("model."): min(2.0, cap) for n in m} for m in masks]
+    decisions, gate = reference_gated_slsam(ref, take(tiny_loader, steps), [strip(m) for m in masks], scales, c)
+    assert decisions == passes
+    assert callback.method is not None
+    torch.testing.assert_close(callback.method.state_dict()["gate"], list(gate), rtol=1e-5, atol=0.0)
+    assert True in decisions and False in decisions  # both kinds of step were compared
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
+
+
+def test_a_gate_that_always_opens_is_slsam_bitwise(make_trainer, tiny_loader) -> None:
+    plain, gated = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
+    make_trainer(callbacks=[SLSAMPlus(rho=RHO, seed=0)], max_steps=STEPS).fit(plain, tiny_loader)
+    callback = SLSAMPlus(rho=RHO, seed=0, second_pass_gate=-1e30)
+    make_trainer(callbacks=[callback], max_steps=STEPS).fit(gated, tiny_loader)
+    for (name, p), q in zip(plain.named_parameters(), gated.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert callback.method is not None and callback.method.state_dict()["gate"][0] > 0
+
+
+def test_gate_statistics_resume_and_a_skipped_step_leaves_no_trace(make_trainer, tiny_loader) -> None:
+    from lightning_slsam.engine.method import PassOne
+
+    callback = SLSAMPlus(rho=RHO, seed=0, second_pass_gate=0.0)
+    make_trainer(callbacks=[callback], max_steps=3).fit(TinyNet(batch_norm=True), tiny_loader)
+    method = callback.method
+    assert method is not None
+    state = method.state_dict()
+    restored = SLSAMPlus(rho=RHO, seed=0, second_pass_gate=0.0)
+    make_trainer(callbacks=[restored], max_steps=1).fit(TinyNet(batch_norm=True), tiny_loader)
+    assert restored.method is not None
+    restored.method.load_state_dict(state)
+    assert restored.method.state_dict()["gate"] == state["gate"]
+    # a step that pass 1 measured and that is then skipped: the statistics are those before it
+    n = method.sampler.num_arms
+    first = PassOne(
+        active=torch.ones(n, dtype=torch.bool),
+        params=[],
+        arm_of_param=torch.zeros(0, dtype=torch.long),
+        arm_norms=torch.full((n,), 1e3),
+        grad_scale=torch.tensor(1.0),
+        finite=torch.tensor(True),
+        local_arm_norms=torch.full((n,), 1e3),
+    )
+    method.begin_step()
+    assert method.pass2_arms(first) is not None  # far above the mean: the gate opens
+    assert method.state_dict()["gate"] != state["gate"]
+    method.discard_step()
+    assert method.state_dict()["gate"] == state["gate"]

@@ -105,7 +105,9 @@ class FixedSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         mask = torch.tensor([name in self.active_names for name in layout.names])
         assert int(mask.sum()) == len(self.active_names), (layout.names, self.active_names)
-        return SLSAMMethod(self.options.rho, FixedSampler(len(layout), mask), max_update_scale=None)
+        return SLSAMMethod(
+            self.options.rho, FixedSampler(len(layout), mask), max_update_scale=None, second_pass_gate=None
+        )
 
 
 class ScheduledSampler(ArmSampler):
@@ -132,7 +134,9 @@ class ScheduledSLSAM(SLSAM):
     def build_method(self, layout: Any) -> SLSAMMethod:
         everything = torch.ones(len(layout), dtype=torch.bool)
         mask = torch.tensor([name in self.active_names for name in layout.names])
-        return SLSAMMethod(self.options.rho, ScheduledSampler([everything, mask]), max_update_scale=None)
+        return SLSAMMethod(
+            self.options.rho, ScheduledSampler([everything, mask]), max_update_scale=None, second_pass_gate=None
+        )
 
 
 # --- references ---------------------------------------------------------------------------------------------

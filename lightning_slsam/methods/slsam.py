@@ -39,6 +39,8 @@ SAMPLERS: tuple[str, ...] = ("exp3", "uniform")
 #: the fewest arms a step may expect to sample (``sparsity`` times the sampled arms): below it the sampler's
 #: draw-until-non-empty loop would take thousands of draws a step
 MIN_EXPECTED_ARMS = 0.05
+#: the momentum of ``second_pass_gate``'s running mean and variance (AE-SAM's delta)
+GATE_MOMENTUM = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,13 @@ class SLSAMOptions(MethodOptions):
         max_update_scale: None (default, the paper's) or a cap c >= 1: each active arm's optimizer update
             is scaled by ``min(1 / p_i, c)``, p_i its sampling probability, so that rarely sampled arms
             move as far per step as every-step ones (:class:`SLSAMMethod`).
+        second_pass_gate: None (default, the paper's: every step takes both passes) or AE-SAM's threshold c
+            (Jiang et al. 2023, any finite number): a step ascends and takes pass 2 only when
+            ``s = ||g_S||^2``, the squared pass-1 gradient norm over its active arms, is at least
+            ``mu + c * sigma``, where ``mu`` and ``sigma^2`` are exponential moving averages (momentum 0.9) of
+            ``s`` and of its squared deviation, updated with this step's ``s`` first. Every other step is one
+            pass: the optimizer steps the active arms with their gradient at ``w`` (``max_update_scale`` still
+            applies). Lower c takes pass 2 on more steps; AE-SAM schedules c over training, this is a constant.
 
     The arms (the step option ``arms``) default to ``"tensor"``, the paper's.
     """
@@ -81,6 +90,7 @@ class SLSAMOptions(MethodOptions):
     top_fraction: float = 1.0
     always_active: list[str] = dataclasses.field(default_factory=list)
     max_update_scale: float | None = None
+    second_pass_gate: float | None = None
 
     def __post_init__(self) -> None:
         self._set("rho", check_rho(self.rho))
@@ -101,6 +111,9 @@ class SLSAMOptions(MethodOptions):
         if self.max_update_scale is not None:
             scale = check_number("max_update_scale", self.max_update_scale, minimum=1.0)
             self._set("max_update_scale", scale)
+        if self.second_pass_gate is not None:
+            gate = check_number("second_pass_gate", self.second_pass_gate, what="the AE-SAM threshold c")
+            self._set("second_pass_gate", gate)
 
     @property
     def label(self) -> str:
@@ -172,6 +185,7 @@ class SLSAMOptions(MethodOptions):
             self.rho,
             self.sampler_for(module, layout, eligible, seed),
             max_update_scale=self.max_update_scale,
+            second_pass_gate=self.second_pass_gate,
             resample=lambda arms: self.sampler_for(module, layout, arms, seed),
         )
         method.name = self.label
@@ -225,6 +239,9 @@ class SLSAMMethod(Method):
             expectation, as far per step as one trained on every step (``w <- w0 + s_i (w - w0)`` after the
             optimizer step, so it applies to any optimizer, weight decay included). Costs one copy of the
             active parameters per step.
+        second_pass_gate: None (default) takes pass 2 on every step; a number c takes it only when the squared
+            pass-1 norm over the active arms reaches ``mu + c * sigma`` of its running statistics
+            (:class:`SLSAMOptions`), a one-pass step otherwise. Costs one host read of that norm per step.
 
     The bandit update of step t is applied lazily, just before step t+1 samples: the same order as the
     paper, but the per-arm norms travel to the sampler's device without stalling the accelerator.
@@ -239,6 +256,7 @@ class SLSAMMethod(Method):
         rho: float,
         sampler: ArmSampler,
         max_update_scale: float | None,
+        second_pass_gate: float | None,
         resample: Callable[[Tensor], ArmSampler] | None = None,
     ) -> None:
         super().__init__(rho)
@@ -253,6 +271,10 @@ class SLSAMMethod(Method):
         self._before: tuple[list[nn.Parameter], list[Tensor], list[float]] | None = None
         self._arm_of: dict[int, int] = {}
         self._before_step: dict[str, Any] | None = None
+        self.second_pass_gate = None if second_pass_gate is None else float(second_pass_gate)
+        #: the gate's running mean and variance of the squared pass-1 norm; None before its first step
+        self._gate: tuple[float, float] | None = None
+        self._gate_before: tuple[float, float] | None = None
 
     def setup(self, layout) -> None:
         super().setup(layout)
@@ -287,6 +309,21 @@ class SLSAMMethod(Method):
         self._flush()
         self._before = None
         return self.sampler.sample().cpu()
+
+    def pass2_arms(self, first: PassOne) -> Tensor | None:
+        if self.second_pass_gate is None:
+            return first.active
+        # AE-SAM's rule on what pass 1 measured: the statistics take this step's value before the test
+        value = float(first.norm_over(first.active).square())
+        mean, var = (value, 0.0) if self._gate is None else self._gate
+        mean = GATE_MOMENTUM * mean + (1 - GATE_MOMENTUM) * value
+        var = GATE_MOMENTUM * var + (1 - GATE_MOMENTUM) * (value - mean) ** 2
+        self._gate = (mean, var)
+        return first.active if value >= mean + self.second_pass_gate * math.sqrt(var) else None
+
+    def single_pass_gradient(self, first: PassOne) -> None:
+        # the gradient is g_S as the one pass left it; note w of the arms whose update is scaled
+        self.combine(first.params, None, first)
 
     def combine(self, params: Sequence[nn.Parameter], first_grads: Sequence[Tensor] | None, first: PassOne) -> None:
         if self.max_update_scale is None or self.max_update_scale == 1.0:
@@ -330,10 +367,12 @@ class SLSAMMethod(Method):
         # a CPU generator state), so that a skipped step neither teaches the bandit nor moves its generator
         self._flush()
         self._before_step = self.sampler.state_dict()
+        self._gate_before = self._gate
 
     def discard_step(self) -> None:
         self._pending = None
         self._before = None  # the optimizer did not step (or its scaler skipped): nothing to scale
+        self._gate = self._gate_before
         if self._before_step is not None:
             self.sampler.load_state_dict(self._before_step)
             self._before_step = None
@@ -356,6 +395,8 @@ class SLSAMMethod(Method):
         state: dict[str, Any] = {"sampler": self.sampler.state_dict()}
         if self._eligible is not None and not bool(self._eligible.all()):
             state["eligible"] = self._eligible.clone()
+        if self._gate is not None:
+            state["gate"] = list(self._gate)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -368,3 +409,5 @@ class SLSAMMethod(Method):
             self._eligible = eligible.clone()
             self.all_arms = eligible.clone()
         self.sampler.load_state_dict(state["sampler"])
+        gate = state.get("gate")  # absent: a run without the gate, or saved before its first step
+        self._gate = None if gate is None else (float(gate[0]), float(gate[1]))

@@ -48,6 +48,14 @@ class SparseMSAMOptions(SLSAMPlusOptions):
 
     rho: float = 3.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.second_pass_gate is not None:
+            raise ValueError(
+                f"second_pass_gate: sparse_msam takes one pass per step, there is no second pass to gate; got "
+                f"{self.second_pass_gate!r}, leave it None"
+            )
+
     def method_class(self) -> type[SLSAMMethod]:
         return SparseMSAMMethod
 
@@ -72,8 +80,4 @@ class SparseMSAMMethod(SLSAMMethod):
         return momentum_ascent(params, optimizer, self.rho)
 
     def pass2_arms(self, first: PassOne) -> None:
-        return None
-
-    def single_pass_gradient(self, first: PassOne) -> None:
-        # the gradient is g_S(w + e_S) as the pass left it; note w of the arms whose update is scaled
-        self.combine(first.params, None, first)
+        return None  # SL-SAM's single_pass_gradient then scales g_S(w + e_S)'s update
