@@ -519,6 +519,45 @@ def read_benches(paths: list[str]) -> dict[str, dict[str, Any]]:
     return rows
 
 
+#: the benchmark's name suffix of a gated method's one-pass step: a gate this high opens on the first step only (its
+#: spread is 0 there), never again in a benchmark's few steps
+ONE_PASS_GATE = "1e9"
+
+
+def gated_rows(paths: list[str], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Benchmark rows of the sweep methods with ``second_pass_gate``, which take pass 2 on a fraction of their steps
+    that only training shows: for a method whose runs took pass 2 on a fraction f of their steps
+    (``passes_per_step - 1``, mean over its runs), step time ``f x`` the ungated method's ``+ (1 - f) x`` the same
+    method's with a gate that never opens, and peak memory the larger of the two, both read from the first benchmark
+    in ``paths`` that measured the pair."""
+    rows: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        name, _, arguments = bench_name(method).partition(":")
+        items = arguments.split(",") if arguments else []
+        gate = [item for item in items if item.startswith("second_pass_gate=")]
+        fractions = [r["passes_per_step"] - 1 for r in runs if r["method"] == method and r.get("passes_per_step")]
+        if not gate or not fractions:
+            continue
+        rest = [item for item in items if item not in gate]
+        two = name + (":" + ",".join(rest) if rest else "")
+        one = f"{name}:" + ",".join([*rest, f"second_pass_gate={ONE_PASS_GATE}"])
+        fraction = statistics.fmean(fractions)
+        for path in paths:
+            measured = json.loads(Path(path).read_text())["results"]
+            if one not in measured or two not in measured:
+                continue
+            row: dict[str, Any] = {"pass2_fraction": fraction}
+            for key in ("cost_vs_base", "median_vs_base"):
+                if measured[one].get(key) is not None and measured[two].get(key) is not None:
+                    row[key] = fraction * measured[two][key] + (1 - fraction) * measured[one][key]
+            memories = [measured[n].get("memory_vs_base") for n in (one, two)]
+            row["memory_vs_base"] = max(memories) if None not in memories else None
+            row["bench"] = f"{Path(path).name} (pass 2 on {fraction:.2f} of the steps: `{two}` / `{one}`)"
+            rows[method] = row
+            break
+    return rows
+
+
 #: a method's point counts for the frontier and the budget table only with at least this many seeds at its rate
 FRONTIER_MIN_SEEDS = 3
 
@@ -575,6 +614,7 @@ def report(args: argparse.Namespace) -> int:
     summary = json.loads(Path(args.summary).read_text())
     runs, task = summary["runs"], summary["task"]
     bench = read_benches(args.bench or [])
+    bench.update(gated_rows(args.bench or [], runs))
     cost = {m: row.get("cost_vs_base") or row.get("median_vs_base") for m, row in bench.items()}
     cost_sam = {m: row.get("cost_vs_sam") for m, row in bench.items()}
     memory = {m: row.get("memory_vs_base") for m, row in bench.items()}

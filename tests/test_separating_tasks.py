@@ -153,6 +153,26 @@ def test_benches_are_merged_first_file_first(tasks, tmp_path: Path) -> None:
     assert "sparse_msam_rho0" not in tasks.read_benches([str(second)])
 
 
+def test_a_gated_method_costs_its_two_kinds_of_step_weighted_by_how_often_training_took_pass_2(tasks, tmp_path) -> None:
+    bench = tmp_path / "gate.json"
+    one = {"cost_vs_base": 0.7, "median_vs_base": 0.7, "memory_vs_base": 0.6}
+    two = {"cost_vs_base": 1.5, "median_vs_base": 1.5, "memory_vs_base": 0.62}
+    bench.write_text(json.dumps({"results": {"slsam_plus": two, "slsam_plus:second_pass_gate=1e9": one}}))
+    runs = [
+        {"method": "slsam_plus_gate0", "passes_per_step": 1.2},
+        {"method": "slsam_plus_gate0", "passes_per_step": 1.4},
+        {"method": "slsam_plus", "passes_per_step": 2.0},
+    ]
+    rows = tasks.gated_rows([str(bench)], runs)
+    assert set(rows) == {"slsam_plus_gate0"}  # the other gated method has no runs
+    row = rows["slsam_plus_gate0"]
+    assert row["cost_vs_base"] == pytest.approx(0.3 * 1.5 + 0.7 * 0.7)
+    assert row["memory_vs_base"] == 0.62 and row["pass2_fraction"] == pytest.approx(0.3)
+    # without the one-pass row there is nothing to weigh
+    bench.write_text(json.dumps({"results": {"slsam_plus": two}}))
+    assert tasks.gated_rows([str(bench)], runs) == {}
+
+
 def _reference_frontier(means: dict[str, float], cost: dict[str, float]) -> set[str]:
     """By the definition, pair by pair: a method is off the frontier when some other method costs no more and has
     a higher mean accuracy."""
@@ -358,8 +378,16 @@ ROOT = SCRIPT.parents[1]
 SEPARATING = ROOT / "experiments" / "results" / "separating"
 #: the step benchmarks each task's report reads, as in the results page's commands
 PAGE_BENCHES = {
-    "digits": ["step_resnet20_digits_frontier_cpu-1t.json", "step_resnet20_digits_cpu-1t.json"],
-    "sst2": ["step_minilm_sst2_frontier_cpu-1t.json", "step_minilm_sst2_cpu-1t.json"],
+    "digits": [
+        "step_resnet20_digits_frontier_cpu-1t.json",
+        "step_resnet20_digits_cpu-1t.json",
+        "step_resnet20_digits_gate_cpu-1t.json",
+    ],
+    "sst2": [
+        "step_minilm_sst2_frontier_cpu-1t.json",
+        "step_minilm_sst2_cpu-1t.json",
+        "step_minilm_sst2_gate_cpu-1t.json",
+    ],
 }
 
 
