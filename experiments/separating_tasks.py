@@ -552,7 +552,7 @@ def gated_rows(paths: list[str], runs: list[dict[str, Any]]) -> dict[str, dict[s
                     row[key] = fraction * measured[two][key] + (1 - fraction) * measured[one][key]
             memories = [measured[n].get("memory_vs_base") for n in (one, two)]
             row["memory_vs_base"] = max(memories) if None not in memories else None
-            row["bench"] = f"{Path(path).name} (pass 2 on {fraction:.2f} of the steps: `{two}` / `{one}`)"
+            row["bench"] = f"{Path(path).name} (pass 2 on {fraction:.2f} of the steps: {two} / {one})"
             rows[method] = row
             break
     return rows
