@@ -137,31 +137,47 @@ def recorded_masks(module: TinyNet, callback: SLSAM, loader: Any, make_trainer: 
 
 
 def reference_scaled_slsam(
-    model: nn.Module, batches: Sequence[Any], masks: Sequence[Sequence[str]], scales: Sequence[dict[str, float]]
-) -> None:
-    """SL-SAM on the given arms, each arm's AdamW update multiplied by ``scales[t][name]`` (a python loop)."""
+    model: nn.Module,
+    batches: Sequence[Any],
+    masks: Sequence[Sequence[str]],
+    scales: Sequence[dict[str, float]],
+    c: float | None = None,
+) -> tuple[list[bool], tuple[float, float]]:
+    """SL-SAM on the given arms, each arm's AdamW update multiplied by ``scales[t][name]`` (a python loop). With a
+    gate ``c`` the ascent and pass 2 are taken only when ``s = ||g_S||^2 >= mu + c sigma`` (AE-SAM's rule, ``mu``,
+    ``sigma^2`` moving averages with momentum 0.9 updated with ``s`` first), else AdamW steps on ``g_S``. Returns
+    the decisions and the final ``(mu, sigma^2)``."""
     named = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    mean = var = None
+    decisions = []
     for step, (x, y) in enumerate(batches):
         names = list(masks[step])
         params = [named[n] for n in names]
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        s = float(sum((g.double() ** 2).sum() for g in grads))
+        mean = s if mean is None else 0.9 * mean + 0.1 * s
+        var = 0.0 if var is None else var
+        var = 0.9 * var + 0.1 * (s - mean) ** 2
+        decisions.append(c is None or s >= mean + c * var**0.5)
         before = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.add_(RHO * g / (norm + 1e-12))
-        grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, w in zip(params, before, strict=True):
-                p.copy_(w)
-        for p, g in zip(params, grads2, strict=True):
+        if decisions[-1]:
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(RHO * g / (norm + 1e-12))
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            with torch.no_grad():
+                for p, w in zip(params, before, strict=True):
+                    p.copy_(w)
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, p, w in zip(names, params, before, strict=True):
                 p.copy_(w + scales[step][name] * (p - w))
+    return decisions, (mean, var)
 
 
 def take(loader: Any, k: int) -> list[Any]:
@@ -189,7 +205,8 @@ def test_scaled_update_matches_reference(make_trainer, tiny_loader, options: dic
     masks, probs = recorded_masks(module, callback, tiny_loader, make_trainer)
     scales = [{n.removeprefix("model."): min(1.0 / p[n], cap) for n in p} for p in probs]
     assert any(s != 1.0 for step in scales for s in step.values())
-    reference_scaled_slsam(ref, take(tiny_loader, STEPS), [strip(m) for m in masks], scales)
+    decisions, _ = reference_scaled_slsam(ref, take(tiny_loader, STEPS), [strip(m) for m in masks], scales)
+    assert all(decisions)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
 
@@ -299,50 +316,6 @@ def test_every_arm_pinned_is_every_arm_active() -> None:
 
 
 # --- the AE-SAM gate on the second pass -----------------------------------------------------------------------------
-def reference_gated_slsam(
-    model: nn.Module,
-    batches: Sequence[Any],
-    masks: Sequence[Sequence[str]],
-    scales: Sequence[dict[str, float]],
-    c: float,
-) -> tuple[list[bool], tuple[float, float]]:
-    """SL-SAM on the given arms, the ascent and pass 2 taken only when ``s = ||g_S||^2 >= mu + c sigma`` (AE-SAM's
-    rule, ``mu``, ``sigma^2`` moving averages with momentum 0.9 updated with ``s`` first), else AdamW on ``g_S``;
-    each arm's update then scaled by ``scales[t][name]``. A python loop; returns the decisions and the final
-    ``(mu, sigma^2)``."""
-    named = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    mean = var = None
-    decisions = []
-    for step, (x, y) in enumerate(batches):
-        names = list(masks[step])
-        params = [named[n] for n in names]
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        s = float(sum((g.double() ** 2).sum() for g in grads))
-        mean = s if mean is None else 0.9 * mean + 0.1 * s
-        var = 0.0 if var is None else var
-        var = 0.9 * var + 0.1 * (s - mean) ** 2
-        decisions.append(s >= mean + c * var**0.5)
-        before = [p.detach().clone() for p in params]
-        if decisions[-1]:
-            norm = torch.sqrt(sum((g**2).sum() for g in grads))
-            with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    p.add_(RHO * g / (norm + 1e-12))
-            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-            with torch.no_grad():
-                for p, w in zip(params, before, strict=True):
-                    p.copy_(w)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for name, p, w in zip(names, params, before, strict=True):
-                p.copy_(w + scales[step][name] * (p - w))
-    return decisions, (mean, var)
-
-
 @pytest.mark.parametrize(("c", "cap"), [(0.0, 1.0), (-0.5, 2.0)])
 def test_gated_second_pass_matches_reference(make_trainer, tiny_loader, c: float, cap: float) -> None:
     steps = 12
@@ -362,7 +335,7 @@ def test_gated_second_pass_matches_reference(make_trainer, tiny_loader, c: float
     make_trainer(callbacks=[callback, Recorder()], max_steps=steps).fit(module, tiny_loader)
     passes = [b - a == 2 for a, b in itertools.pairwise(total_passes)]
     scales = [{n.removeprefix("model."): min(2.0, cap) for n in m} for m in masks]
-    decisions, gate = reference_gated_slsam(ref, take(tiny_loader, steps), [strip(m) for m in masks], scales, c)
+    decisions, gate = reference_scaled_slsam(ref, take(tiny_loader, steps), [strip(m) for m in masks], scales, c)
     assert decisions == passes
     assert callback.method is not None
     torch.testing.assert_close(callback.method.state_dict()["gate"], list(gate), rtol=1e-5, atol=0.0)
