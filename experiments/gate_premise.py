@@ -38,25 +38,22 @@ import torch.nn.functional as F
 
 from lightning_slsam.data import DigitsDataModule
 from lightning_slsam.engine.arms import build_arms
-from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions, gate_step
 from lightning_slsam.models.resnet_cifar import resnet20_cifar
 
 
-def ae_sam_gate(values: Sequence[float], c: float, delta: float = 0.9) -> list[bool]:
-    """AE-SAM's rule on a sequence of statistics: step t takes the second pass when ``values[t] >= mu_t + c sigma_t``,
-    with ``mu_t = delta mu_{t-1} + (1 - delta) v_t`` and ``sigma_t^2 = delta sigma_{t-1}^2 + (1 - delta)(v_t - mu_t)^2``
-    updated before the test; ``mu_0`` is the first value and ``sigma_0 = 0``. NaN (no statistic this step) keeps the
-    state and takes the pass."""
+def ae_sam_gate(values: Sequence[float], c: float) -> list[bool]:
+    """The library's gate (:func:`~lightning_slsam.methods.slsam.gate_step`, AE-SAM's rule) over a sequence of
+    statistics: step t takes the second pass when ``values[t] >= mu_t + c sigma_t``. NaN (no statistic this step)
+    keeps the state and takes the pass."""
     decisions: list[bool] = []
-    mu: float | None = None
-    var = 0.0
+    state: tuple[float, float] | None = None
     for v in values:
         if math.isnan(v):
             decisions.append(True)
             continue
-        mu = v if mu is None else delta * mu + (1 - delta) * v
-        var = delta * var + (1 - delta) * (v - mu) ** 2
-        decisions.append(v >= mu + c * math.sqrt(var))
+        state, take = gate_step(state, v, c)
+        decisions.append(take)
     return decisions
 
 

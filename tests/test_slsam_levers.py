@@ -344,6 +344,14 @@ def test_gated_second_pass_matches_reference(make_trainer, tiny_loader, c: float
         torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("value", [4.0, 0.30000000000000004])  # 0.9 v + 0.1 v rounds above the second
+def test_the_gate_opens_on_its_first_step_whatever_the_threshold(value: float) -> None:
+    from lightning_slsam.methods.slsam import gate_step
+
+    assert 0.9 * 0.30000000000000004 + 0.1 * 0.30000000000000004 > 0.30000000000000004
+    assert gate_step(None, value, 1e9) == ((value, 0.0), True)
+
+
 def test_a_gate_that_always_opens_is_slsam_bitwise(make_trainer, tiny_loader) -> None:
     plain, gated = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
     make_trainer(callbacks=[SLSAMPlus(rho=RHO, seed=0)], max_steps=STEPS).fit(plain, tiny_loader)

@@ -43,6 +43,18 @@ MIN_EXPECTED_ARMS = 0.05
 GATE_MOMENTUM = 0.9
 
 
+def gate_step(state: tuple[float, float] | None, value: float, c: float) -> tuple[tuple[float, float], bool]:
+    """AE-SAM's rule (Jiang et al. 2023) for one step: the running mean and variance of ``value`` (momentum
+    :data:`GATE_MOMENTUM`; ``state`` None before the first step, which starts the mean at ``value``) updated with
+    this step's ``value`` first, and whether ``value`` reaches ``mean + c * sqrt(variance)``."""
+    if state is None:  # set, not blended: 0.9 v + 0.1 v can round above v and close the first step's gate
+        return (value, 0.0), True
+    mean, var = state
+    mean = GATE_MOMENTUM * mean + (1 - GATE_MOMENTUM) * value
+    var = GATE_MOMENTUM * var + (1 - GATE_MOMENTUM) * (value - mean) ** 2
+    return (mean, var), value >= mean + c * math.sqrt(var)
+
+
 @dataclasses.dataclass(frozen=True)
 class SLSAMOptions(MethodOptions):
     """Sparse-Layer SAM (Cheng et al. 2026): each step a bandit picks the arms that take part in both passes.
@@ -313,13 +325,9 @@ class SLSAMMethod(Method):
     def pass2_arms(self, first: PassOne) -> Tensor | None:
         if self.second_pass_gate is None:
             return first.active
-        # AE-SAM's rule on what pass 1 measured: the statistics take this step's value before the test
-        value = float(first.norm_over(first.active).square())
-        mean, var = (value, 0.0) if self._gate is None else self._gate
-        mean = GATE_MOMENTUM * mean + (1 - GATE_MOMENTUM) * value
-        var = GATE_MOMENTUM * var + (1 - GATE_MOMENTUM) * (value - mean) ** 2
-        self._gate = (mean, var)
-        return first.active if value >= mean + self.second_pass_gate * math.sqrt(var) else None
+        # AE-SAM's rule on what pass 1 measured
+        self._gate, take = gate_step(self._gate, float(first.norm_over(first.active).square()), self.second_pass_gate)
+        return first.active if take else None
 
     def single_pass_gradient(self, first: PassOne) -> None:
         # the gradient is g_S as the one pass left it; note w of the arms whose update is scaled
