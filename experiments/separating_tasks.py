@@ -531,6 +531,7 @@ def gated_rows(paths: list[str], runs: list[dict[str, Any]]) -> dict[str, dict[s
     method's with a gate that never opens, and peak memory the larger of the two, both read from the first benchmark
     in ``paths`` that measured the pair."""
     rows: dict[str, dict[str, Any]] = {}
+    benches = [(Path(path).name, json.loads(Path(path).read_text())["results"]) for path in paths]
     for method in METHODS:
         name, _, arguments = bench_name(method).partition(":")
         items = arguments.split(",") if arguments else []
@@ -542,8 +543,7 @@ def gated_rows(paths: list[str], runs: list[dict[str, Any]]) -> dict[str, dict[s
         two = name + (":" + ",".join(rest) if rest else "")
         one = f"{name}:" + ",".join([*rest, f"second_pass_gate={ONE_PASS_GATE}"])
         fraction = statistics.fmean(fractions)
-        for path in paths:
-            measured = json.loads(Path(path).read_text())["results"]
+        for source, measured in benches:
             if one not in measured or two not in measured:
                 continue
             row: dict[str, Any] = {"pass2_fraction": fraction}
@@ -552,7 +552,7 @@ def gated_rows(paths: list[str], runs: list[dict[str, Any]]) -> dict[str, dict[s
                     row[key] = fraction * measured[two][key] + (1 - fraction) * measured[one][key]
             memories = [measured[n].get("memory_vs_base") for n in (one, two)]
             row["memory_vs_base"] = max(memories) if None not in memories else None
-            row["bench"] = f"{Path(path).name} (pass 2 on {fraction:.2f} of the steps: {two} / {one})"
+            row["bench"] = f"{source} (pass 2 on {fraction:.2f} of the steps: {two} / {one})"
             rows[method] = row
             break
     return rows
