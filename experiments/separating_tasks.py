@@ -409,25 +409,38 @@ def divergence_cell(runs: list[dict[str, Any]], method: str, lr: Any, chance: fl
     return f"{at[0]}/{at[1]}; {len(bad)} of {len(counts)} rates" + (f" ({listed})" if bad else "")
 
 
+def rate_place(runs: list[dict[str, Any]], method: str, lr: Any) -> str:
+    """Where ``lr`` lies among the learning rates ``method`` was run at: ``"interior of N"`` (a lower and a higher
+    rate were tried, so a best rate there is bracketed), ``"lowest of N"`` / ``"highest of N"`` (the sweep's edge:
+    a better rate may lie beyond it) or ``"only rate"``."""
+    rates = sorted({r["lr"] for r in runs if r["method"] == method}, key=float)
+    if len(rates) < 2:
+        return "only rate"
+    place = "lowest" if lr == rates[0] else "highest" if lr == rates[-1] else "interior"
+    return f"{place} of {len(rates)}"
+
+
 def accuracy_table(
     runs: list[dict[str, Any]], metric: str, cost: dict[str, float] | None = None, chance: float | None = None
 ) -> list[str]:
     """Markdown rows: each method at the learning rate that maximises ``metric``, mean ± std over seeds, its gap
     to SAM and to base, the diverged runs (at that rate, and the rates with any; ``chance``: the task's chance
-    accuracy, see ``divergence``); with ``cost`` (step time in base steps), also the best accuracy reached within
-    base's whole run's time."""
+    accuracy, see ``divergence``) and where the rate lies in the sweep (``rate_place``); with ``cost`` (step time
+    in base steps), also the best accuracy reached within base's whole run's time."""
     chosen = best_learning_rates(runs, metric)
     order = [m for m in METHODS if m in chosen]
     values = {m: _accuracies(runs, m, chosen[m], metric) for m in order}
     base_steps = max((r["steps"] for r in runs if r["method"] == "base"), default=None)
     timed = cost is not None and base_steps is not None
-    header = "| method | lr | seeds | accuracy (%) | − SAM | − base | diverged: seeds at lr; rates |" + (
-        " within base's time (%) |" if timed else ""
+    header = (
+        "| method | lr | lr in the sweep | seeds | accuracy (%) | − SAM | − base | diverged: seeds at lr; rates |"
+        + (" within base's time (%) |" if timed else "")
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---|" + ("---:|" if timed else "")]
+    lines = [header, "|---|---:|---|---:|---:|---:|---:|---|" + ("---:|" if timed else "")]
     for method in order:
         row = (
-            f"| `{method}` | {chosen[method]:g} | {len(values[method])} | {_cell(values[method])} | "
+            f"| `{method}` | {chosen[method]:g} | {rate_place(runs, method, chosen[method])} | "
+            f"{len(values[method])} | {_cell(values[method])} | "
             f"{_gap(values[method], values.get('sam'))} | {_gap(values[method], values.get('base'))} | "
             f"{divergence_cell(runs, method, chosen[method], chance)} |"
         )
@@ -632,8 +645,9 @@ def report(args: argparse.Namespace) -> int:
     )
     lines = [
         "Best-epoch validation accuracy (checkpoint selection), each method at the learning rate that maximises it "
-        "(mean ± std over seeds); the last column is the best accuracy reached within the time of base's whole run, "
-        "with each method's step time from the step benchmark:",
+        '(mean ± std over seeds; "lr in the sweep": interior when a lower and a higher rate were also run, else the '
+        "sweep's edge, beyond which a better rate may lie); the last column is the best accuracy reached within the "
+        "time of base's whole run, with each method's step time from the step benchmark:",
         "",
         *accuracy_table(runs, "best", cost if cost else None, chance),
         "",

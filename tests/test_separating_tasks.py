@@ -120,9 +120,9 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
     sam_best = next(line for line in best_table.splitlines() if line.startswith("| `sam`"))
     # best epoch: SAM at 1e-3 (72.0), 2 seeds; at 2.0x base's step time it has had 15 of base's 30 steps when base
     # ends, so the best epoch reached by then is epoch 0 (step 9 = 18 base steps): 50.0
-    assert sam_best == "| `sam` | 0.001 | 2 | 72.0 ± 0.0 | +0.0 | +10.0 | 0/2; 0 of 2 rates | 50.0 ± 0.0 |"
+    assert sam_best == "| `sam` | 0.001 | lowest of 2 | 2 | 72.0 ± 0.0 | +0.0 | +10.0 | 0/2; 0 of 2 rates | 50.0 ± 0.0 |"
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
-    assert base_final == "| `base` | 0.001 | 2 | 62.0 ± 0.0 | -10.0 | +0.0 | 0/2; 0 of 1 rates |"
+    assert base_final == "| `base` | 0.001 | only rate | 2 | 62.0 ± 0.0 | -10.0 | +0.0 | 0/2; 0 of 1 rates |"
     assert "| `sam` | 2.00 | 1.00 | 1.10 |" in text  # the cost table
     # the frontier's points: base (62.0 at 1.0x) and SAM (72.0 at 2.0x), listed; with 2 seeds neither is on it
     assert "| `base` | 0.001 | 2 | 62.0 ± 0.0 | 1.00 | 1.00 |  |" in text
@@ -329,14 +329,25 @@ def test_summary_flags_diverged_runs_and_the_report_counts_them(tasks, tmp_path:
     plus_best = next(line for line in best_table.splitlines() if line.startswith("| `slsam_plus`"))
     assert plus_best.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
     plus_final = next(line for line in final_table.splitlines() if line.startswith("| `slsam_plus`"))
-    assert plus_final.startswith("| `slsam_plus` | 0.003 | 3 | 93.0 ± 0.0 |")
+    assert plus_final.startswith("| `slsam_plus` | 0.003 | lowest of 3 | 3 | 93.0 ± 0.0 |")
     assert plus_final.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
-    assert base_final.endswith("| 0/3; 0 of 1 rates |")
+    assert base_final.endswith("| 0/3; 0 of 1 rates |") and "| only rate |" in base_final
     assert (
         "`slsam_plus` 0.003 (93.0 / 93.0), 0.01 (90.0 / 76.7, 1/3 diverged), 0.03 (30.0 / 11.0, 3/3 diverged)" in text
     )
     assert "within 5 points of chance (10.0 %)" in text
+
+
+def test_rate_place_says_whether_the_best_rate_is_bracketed(tasks) -> None:
+    runs = [{"method": "sam", "lr": lr, "seed": 0} for lr in (3e-2, 1e-3, 1e-2)] + [{"method": "base", "lr": 1e-2}]
+    assert [tasks.rate_place(runs, "sam", lr) for lr in (1e-3, 1e-2, 3e-2)] == [
+        "lowest of 3",
+        "interior of 3",
+        "highest of 3",
+    ]  # ordered by value, not by the order the runs were listed in
+    assert tasks.rate_place(runs, "base", 1e-2) == "only rate"
+    assert tasks.rate_place([*runs, {"method": "sam", "lr": 1e-3, "seed": 1}], "sam", 1e-3) == "lowest of 3"
 
 
 def test_report_flags_divergence_in_summaries_written_before_the_flag(tasks, tmp_path: Path) -> None:
