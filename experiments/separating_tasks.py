@@ -539,17 +539,22 @@ ONE_PASS_GATE = "1e9"
 
 def gated_rows(paths: list[str], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Benchmark rows of the sweep methods with ``second_pass_gate``, which take pass 2 on a fraction of their steps
-    that only training shows: for a method whose runs took pass 2 on a fraction f of their steps
-    (``passes_per_step - 1``, mean over its runs), step time ``f x`` the ungated method's ``+ (1 - f) x`` the same
-    method's with a gate that never opens, and peak memory the larger of the two, both read from the first benchmark
-    in ``paths`` that measured the pair."""
+    that only training shows: for a method whose runs at its best-epoch rate (the rate its accuracy is reported at)
+    took pass 2 on a fraction f of their steps (``passes_per_step - 1``, mean over those seeds), step time ``f x``
+    the ungated method's ``+ (1 - f) x`` the same method's with a gate that never opens, and peak memory the larger
+    of the two, both read from the first benchmark in ``paths`` that measured the pair."""
     rows: dict[str, dict[str, Any]] = {}
     benches = [(Path(path).name, json.loads(Path(path).read_text())["results"]) for path in paths]
+    chosen = best_learning_rates(runs, "best")
     for method in METHODS:
         name, _, arguments = bench_name(method).partition(":")
         items = arguments.split(",") if arguments else []
         gate = [item for item in items if item.startswith("second_pass_gate=")]
-        fractions = [r["passes_per_step"] - 1 for r in runs if r["method"] == method and r.get("passes_per_step")]
+        fractions = [
+            r["passes_per_step"] - 1
+            for r in runs
+            if r["method"] == method and r["lr"] == chosen.get(method) and r.get("passes_per_step")
+        ]
         if not gate or not fractions:
             continue
         rest = [item for item in items if item not in gate]

@@ -120,7 +120,9 @@ def test_summary_and_report(tasks, tmp_path: Path) -> None:
     sam_best = next(line for line in best_table.splitlines() if line.startswith("| `sam`"))
     # best epoch: SAM at 1e-3 (72.0), 2 seeds; at 2.0x base's step time it has had 15 of base's 30 steps when base
     # ends, so the best epoch reached by then is epoch 0 (step 9 = 18 base steps): 50.0
-    assert sam_best == "| `sam` | 0.001 | lowest of 2 | 2 | 72.0 ± 0.0 | +0.0 | +10.0 | 0/2; 0 of 2 rates | 50.0 ± 0.0 |"
+    assert (
+        sam_best == "| `sam` | 0.001 | lowest of 2 | 2 | 72.0 ± 0.0 | +0.0 | +10.0 | 0/2; 0 of 2 rates | 50.0 ± 0.0 |"
+    )
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
     assert base_final == "| `base` | 0.001 | only rate | 2 | 62.0 ± 0.0 | -10.0 | +0.0 | 0/2; 0 of 1 rates |"
     assert "| `sam` | 2.00 | 1.00 | 1.10 |" in text  # the cost table
@@ -159,9 +161,11 @@ def test_a_gated_method_costs_its_two_kinds_of_step_weighted_by_how_often_traini
     two = {"cost_vs_base": 1.5, "median_vs_base": 1.5, "memory_vs_base": 0.62}
     bench.write_text(json.dumps({"results": {"slsam_plus": two, "slsam_plus:second_pass_gate=1e9": one}}))
     runs = [
-        {"method": "slsam_plus_gate0", "passes_per_step": 1.2},
-        {"method": "slsam_plus_gate0", "passes_per_step": 1.4},
-        {"method": "slsam_plus", "passes_per_step": 2.0},
+        {"method": "slsam_plus_gate0", "lr": 1e-2, "best": 0.9, "passes_per_step": 1.2},
+        {"method": "slsam_plus_gate0", "lr": 1e-2, "best": 0.9, "passes_per_step": 1.4},
+        # a worse rate's runs do not count: the cost is the one of the rate whose accuracy is reported
+        {"method": "slsam_plus_gate0", "lr": 3e-2, "best": 0.5, "passes_per_step": 1.9},
+        {"method": "slsam_plus", "lr": 1e-2, "best": 0.9, "passes_per_step": 2.0},
     ]
     rows = tasks.gated_rows([str(bench)], runs)
     assert set(rows) == {"slsam_plus_gate0"}  # the other gated method has no runs
