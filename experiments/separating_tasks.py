@@ -188,6 +188,9 @@ METHODS: dict[str, list[str]] = {
     # norm is at least its running mean (c = 0) or half a standard deviation under it (c = -0.5)
     "slsam_plus_gate0": ["method=slsam_plus", "method.second_pass_gate=0"],
     "slsam_plus_gate-0.5": ["method=slsam_plus", "method.second_pass_gate=-0.5"],
+    # slsam_plus's sparse ascent (head and 1-D tensors pinned, a fifth of the others sampled) with a dense update:
+    # pass 2 and AdamW on every tensor, no update scaling. Its rho=0 control is AdamW itself (bitwise)
+    "slsam_dense": ["method=slsam_plus", "method.max_update_scale=null", "method.dense_update=true"],
 }
 
 

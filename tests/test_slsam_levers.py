@@ -269,6 +269,9 @@ def test_slsam_plus_levers_can_be_switched_off_to_the_papers_rule(make_trainer, 
         ({"second_pass_gate": float("nan")}, "second_pass_gate"),
         ({"second_pass_gate": float("inf")}, "second_pass_gate"),
         ({"second_pass_gate": "high"}, "second_pass_gate"),
+        ({"dense_update": 1}, "dense_update"),
+        ({"dense_update": True, "max_update_scale": 2.0}, "dense_update"),
+        ({"dense_update": True, "max_update_scale": None, "second_pass_gate": 0.0}, "dense_update"),
     ],
 )
 @pytest.mark.parametrize("callback", [SLSAM, SLSAMPlus])
@@ -391,3 +394,90 @@ def test_gate_statistics_resume_and_a_skipped_step_leaves_no_trace(make_trainer,
     assert method.state_dict()["gate"] != state["gate"]
     method.discard_step()
     assert method.state_dict()["gate"] == state["gate"]
+
+
+# --- the sparse ascent with a dense update --------------------------------------------------------------------------
+def reference_dense_update(model: nn.Module, batches: Sequence[Any], drawn: Sequence[Sequence[str]]) -> None:
+    """A python loop: the ascent ``RHO g_S / ||g_S||`` on the drawn tensors S only, then the gradient at
+    ``w + e_S`` of every parameter, and AdamW on all of them."""
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    for step, (x, y) in enumerate(batches):
+        sampled = [named[n] for n in drawn[step]]
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), sampled)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        before = [p.detach().clone() for p in sampled]
+        with torch.no_grad():
+            for p, g in zip(sampled, grads, strict=True):
+                p.add_(RHO * g / (norm + 1e-12))
+        everything = list(model.parameters())
+        dense = torch.autograd.grad(F.cross_entropy(model(x), y), everything)
+        with torch.no_grad():
+            for p, w in zip(sampled, before, strict=True):
+                p.copy_(w)
+        for p, g in zip(everything, dense, strict=True):
+            p.grad = g
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sampler": "uniform", "sparsity": 0.5},
+        {"sparsity": 0.5, "bandit_lr": 0.5},  # the bandit moves between steps
+        {"sampler": "uniform", "sparsity": 0.3, "always_active": ["head", "vectors"]},
+    ],
+)
+def test_dense_update_matches_reference(make_trainer, tiny_loader, options: dict[str, Any]) -> None:
+    module = TinyNet()
+    ref = copy.deepcopy(module.model)
+    callback = SLSAM(rho=RHO, seed=0, dense_update=True, **options)
+    drawn: list[list[str]] = []
+    updated: list[list[str]] = []
+
+    class Recorder(L.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            method, layout = callback.method, callback.layout
+            assert method is not None and layout is not None
+            sample = method.pass1_arms
+
+            def recording() -> torch.Tensor:
+                arms = sample()
+                drawn.append([n for n, on in zip(layout.names, arms.tolist(), strict=True) if on])
+                return arms
+
+            method.pass1_arms = recording  # type: ignore[method-assign]
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            updated.append([n for n, p in pl_module.named_parameters() if p.grad is not None])
+
+    make_trainer(callbacks=[callback, Recorder()], max_steps=STEPS).fit(module, tiny_loader)
+    assert callback.method is not None
+    assert callback.method.name == ("slsam_uniform_dense" if options.get("sampler") == "uniform" else "slsam_dense")
+    everything = [n for n, _ in module.named_parameters()]
+    assert updated == [everything] * STEPS  # every tensor reaches the optimizer on every step
+    assert all(0 < len(d) < len(everything) for d in drawn)  # while the ascent was sparse
+    reference_dense_update(ref, take(tiny_loader, STEPS), [strip(d) for d in drawn])
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_update_without_ascent_is_adamw_bitwise(make_trainer, tiny_loader) -> None:
+    """``rho=0``: pass 2 runs at ``w`` on every tensor, so the step is AdamW's own (the ascent's control)."""
+    from lightning_slsam import Base
+
+    adamw, dense = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
+    make_trainer(callbacks=[Base()], max_steps=STEPS).fit(adamw, tiny_loader)
+    make_trainer(callbacks=[SLSAMPlus(rho=0.0, dense_update=True, max_update_scale=None)], max_steps=STEPS).fit(
+        dense, tiny_loader
+    )
+    for (name, p), q in zip(adamw.named_parameters(), dense.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_sparse_msam_refuses_a_dense_update() -> None:
+    from lightning_slsam import SparseMSAM
+
+    with pytest.raises(ValueError, match=r"^dense_update: sparse_msam takes one pass"):
+        SparseMSAM(dense_update=True, max_update_scale=None)

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_slsam.engine.argument_checks import check_choice, check_fraction, check_number, check_rho, check_seed
+from lightning_slsam.engine.argument_checks import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_number,
+    check_rho,
+    check_seed,
+)
 from lightning_slsam.engine.arm_groups import check_spec, select_arms
 from lightning_slsam.engine.arms import ArmLayout, build_arms
 from lightning_slsam.engine.distributed import broadcast_seed
@@ -87,6 +94,14 @@ class SLSAMOptions(MethodOptions):
             ``s`` and of its squared deviation, updated with this step's ``s`` first. Every other step is one
             pass: the optimizer steps the active arms with their gradient at ``w`` (``max_update_scale`` still
             applies). Lower c takes pass 2 on more steps; AE-SAM schedules c over training, this is a constant.
+        dense_update: False (default, the paper's): only the sampled arms S take pass 2 and the optimizer step.
+            True: the ascent stays on S (``rho g_S / ||g_S||``, pass 1 as sparse as ever), but pass 2
+            differentiates every trainable arm at ``w + e_S`` and the optimizer steps all of them, as AdamW and
+            SAM do: the update is dense, the perturbation sparse. Pass 2 is then a full backward pass and the
+            optimizer keeps state for every parameter (AdamW's memory, not SL-SAM's), and with ``rho=0`` the
+            step is exactly AdamW's (on a second pass), so the control for the ascent is AdamW itself. Needs
+            ``max_update_scale`` None (no arm skips a step, so there is no sampling rate to make up for) and no
+            ``second_pass_gate``.
 
     The arms (the step option ``arms``) default to ``"tensor"``, the paper's.
     """
@@ -103,6 +118,7 @@ class SLSAMOptions(MethodOptions):
     always_active: list[str] = dataclasses.field(default_factory=list)
     max_update_scale: float | None = None
     second_pass_gate: float | None = None
+    dense_update: bool = False
 
     def __post_init__(self) -> None:
         self._set("rho", check_rho(self.rho))
@@ -126,11 +142,27 @@ class SLSAMOptions(MethodOptions):
         if self.second_pass_gate is not None:
             gate = check_number("second_pass_gate", self.second_pass_gate, what="the AE-SAM threshold c")
             self._set("second_pass_gate", gate)
+        check_bool("dense_update", self.dense_update)
+        if self.dense_update and self.max_update_scale not in (None, 1.0):
+            raise ValueError(
+                f"dense_update: every arm is updated on every step, so there is no sampling rate for "
+                f"max_update_scale={self.max_update_scale!r} to make up for; set max_update_scale=None"
+            )
+        if self.dense_update and self.second_pass_gate is not None:
+            raise ValueError(
+                f"dense_update: the gate's one-pass steps would update only the sampled arms; leave "
+                f"second_pass_gate None (got {self.second_pass_gate!r})"
+            )
 
     @property
     def label(self) -> str:
-        """The method's name for results: ``slsam_uniform`` with the uniform sampler, else :attr:`name`."""
-        return "slsam_uniform" if self.sampler == "uniform" else self.name
+        """The method's name for results: ``slsam_uniform`` with the uniform sampler, else :attr:`name`; with
+        ``dense_update`` the name ends in ``_dense``."""
+        return ("slsam_uniform" if self.sampler == "uniform" else self.name) + self._dense_suffix
+
+    @property
+    def _dense_suffix(self) -> str:
+        return "_dense" if self.dense_update else ""
 
     def check_model(self, module: nn.Module, arms: str) -> None:
         layout = build_arms(module, arms, include_frozen=True)
@@ -205,7 +237,7 @@ class SLSAMOptions(MethodOptions):
 
     def method_class(self) -> type[SLSAMMethod]:
         """The method :meth:`build` makes on the sampler of these options (``sparse_msam`` runs its own)."""
-        return SLSAMMethod
+        return SLSAMDenseUpdateMethod if self.dense_update else SLSAMMethod
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +267,7 @@ class SLSAMPlusOptions(SLSAMOptions):
 
     @property
     def label(self) -> str:
-        return self.name
+        return self.name + self._dense_suffix
 
 
 class SLSAMMethod(Method):
@@ -419,3 +451,21 @@ class SLSAMMethod(Method):
         self.sampler.load_state_dict(state["sampler"])
         gate = state.get("gate")  # absent: a run without the gate, or saved before its first step
         self._gate = None if gate is None else (float(gate[0]), float(gate[1]))
+
+
+class SLSAMDenseUpdateMethod(SLSAMMethod):
+    """SL-SAM's sparse ascent with a dense update (``dense_update=True``): pass 1 and the ascent on the sampled
+    arms S, pass 2 and the optimizer step on every trainable arm; arguments as :class:`SLSAMMethod`
+    (``max_update_scale`` and ``second_pass_gate`` None: :class:`SLSAMOptions` checks them).
+
+    The engine perturbs only the arms that had a pass-1 gradient (S) and differentiates the pass-2 arms, so the
+    optimizer sees ``g(w + e_S)`` on every trainable tensor and AdamW updates all of them on every step. The
+    bandit learns from the pass-1 norms of S, as in :class:`SLSAMMethod`.
+    """
+
+    #: pass 2 adds arms, so it never replays pass 1's prefix: pass 1 records nothing (keeping those activations
+    #: alive would only cost memory)
+    sparse_pass_one = False
+
+    def pass2_arms(self, first: PassOne) -> Tensor | None:
+        return self.all_arms

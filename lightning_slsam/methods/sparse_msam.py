@@ -55,6 +55,11 @@ class SparseMSAMOptions(SLSAMPlusOptions):
                 f"second_pass_gate: sparse_msam takes one pass per step, there is no second pass to gate; got "
                 f"{self.second_pass_gate!r}, leave it None"
             )
+        if self.dense_update:
+            raise ValueError(
+                "dense_update: sparse_msam takes one pass per step, which differentiates only the sampled arms; "
+                "leave it False"
+            )
 
     def method_class(self) -> type[SLSAMMethod]:
         return SparseMSAMMethod
