@@ -2,7 +2,8 @@
 
 Each step a sampler picks the active arms S; only S has gradients in pass 1 and pass 2, the ascent is
 ``rho g_S / ||g_S||`` on S, and the optimizer sees ``g_S(w + e)`` (every other arm has ``grad=None``, so
-AdamW leaves it and its state alone). The bandit learns from the pass-1 norms ``||g_i||``, i in S.
+AdamW leaves it and its state alone). The bandit learns from the pass-1 norms ``||g_i||``, i in S. With
+``dense_update`` the ascent stays on S but pass 2 and the optimizer step take every trainable arm.
 """
 
 from __future__ import annotations
