@@ -467,6 +467,8 @@ RHO0_CONTROLS: dict[str, str] = {
     "slsam_plus": "slsam_plus_rho0",
     "sparse_msam": "sparse_msam_rho0",
     "sparse_msam_r0.3": "sparse_msam_rho0",
+    # a dense update without an ascent is AdamW's step (tests/test_slsam_levers.py, bitwise): AdamW is the control
+    "slsam_dense": "base",
 }
 
 

@@ -379,12 +379,15 @@ def test_control_table_splits_the_gain_into_sparsity_and_ascent(tasks) -> None:
         # at rho=0 the radius is gone: sparse_msam at either radius is split against the one control
         *runs_of("sparse_msam_r0.3", 1e-2, 0.89, 0.88),
         *runs_of("sparse_msam_rho0", 1e-2, 0.87, 0.86),
+        # the dense update's control is AdamW: all of its gain is the ascent's
+        *runs_of("slsam_dense", 1e-2, 0.91, 0.83),
     ]
     assert tasks.control_table(runs) == [
         "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
         "|---|---:|---:|---:|",
         "| `slsam_plus` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
         "| `sparse_msam_r0.3` | -1.0 / +8.0 | -3.0 / +6.0 | +2.0 / +2.0 |",
+        "| `slsam_dense` | +1.0 / +3.0 | +0.0 / +0.0 | +1.0 / +3.0 |",
     ]
     assert tasks.control_table([r for r in runs if r["method"] != "base"]) == []
 
@@ -397,11 +400,13 @@ PAGE_BENCHES = {
         "step_resnet20_digits_frontier_cpu-1t.json",
         "step_resnet20_digits_cpu-1t.json",
         "step_resnet20_digits_gate_cpu-1t.json",
+        "step_resnet20_digits_dense_cpu-1t.json",
     ],
     "sst2": [
         "step_minilm_sst2_frontier_cpu-1t.json",
         "step_minilm_sst2_cpu-1t.json",
         "step_minilm_sst2_gate_cpu-1t.json",
+        "step_minilm_sst2_dense_cpu-1t.json",
     ],
 }
 

@@ -481,3 +481,18 @@ def test_sparse_msam_refuses_a_dense_update() -> None:
 
     with pytest.raises(ValueError, match=r"^dense_update: sparse_msam takes one pass"):
         SparseMSAM(dense_update=True, max_update_scale=None)
+
+
+def test_cli_refuses_a_dense_update_with_the_update_scaling_before_training(tmp_path) -> None:
+    """``slsam_plus`` scales its updates by default: a dense update must switch that off, and the CLI says so."""
+    from conftest import SHRINK, compose_config
+
+    from lightning_slsam.app.cli import ConfigError, train
+
+    cfg = compose_config(
+        ["method=slsam_plus", "model=resnet20_cifar", "model.weights=null", "method.dense_update=true", *SHRINK],
+        str(tmp_path),
+    )
+    with pytest.raises(ConfigError, match=r"^method\.dense_update: .*set max_update_scale=None"):
+        train(cfg)
+    assert not (tmp_path / "result.json").exists()
