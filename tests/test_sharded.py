@@ -21,7 +21,7 @@ from lightning_slsam.engine.sharding import complete_optimizer_state, locals_of,
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_optim.py"
 STEPS = 6
-METHODS = ["base", "sam", "slsam", "slsam_plus", "rst"]
+METHODS = ["base", "sam", "slsam", "slsam_plus", "rst", "slsam_dense"]
 pytestmark = pytest.mark.slow
 
 
@@ -65,7 +65,7 @@ def test_two_sharded_ranks_equal_one_process(ranks: list[dict[str, Any]], method
     assert any(not torch.equal(v, ranks[0]["init"][k]) for k, v in single["params"].items() if k != "extra")
 
 
-@pytest.mark.parametrize("method", ["slsam", "slsam_plus"])
+@pytest.mark.parametrize("method", ["slsam", "slsam_plus", "slsam_dense"])
 def test_sparse_steps_sample_and_learn_alike(ranks: list[dict[str, Any]], method: str) -> None:
     a, b = ranks[0]["sharded"][method], ranks[1]["sharded"][method]
     assert not bool(a["arms"].all())  # sparse: some arms left out
@@ -78,8 +78,10 @@ def test_sparse_steps_sample_and_learn_alike(ranks: list[dict[str, Any]], method
 def test_only_active_arms_reach_the_optimizer_with_a_gradient(ranks: list[dict[str, Any]], method: str) -> None:
     """No gradient of an arm left out of the step is materialised (FSDP2 reduces only computed ones)."""
     run = ranks[1]["sharded"][method]
-    per_param = run["arms"][:, run["param_arm"]]  # the arm's flag for each parameter, per step
+    per_param = run["stepped"][:, run["param_arm"]]  # the arm's flag for each parameter, per step
     assert torch.equal(run["with_grad"], per_param)
+    if method == "slsam_dense":  # a sparse ascent, and every parameter stepped
+        assert not bool(run["arms"].all()) and bool(run["with_grad"].all())
 
 
 def test_a_fault_on_one_rank_skips_the_step_on_both(ranks: list[dict[str, Any]]) -> None:

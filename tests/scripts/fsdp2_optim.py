@@ -37,6 +37,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "slsam": ("SLSAM", {"rho": 0.05, "sparsity": 0.4, "check_ranks": True}),
     "slsam_plus": ("SLSAMPlus", {"rho": 0.05, "sparsity": 0.4, "check_ranks": True}),
     "rst": ("RST", {"rho": 0.05}),
+    # the sparse ascent with a dense update: pass 2 and the optimizer on every arm
+    "slsam_dense": (
+        "SLSAMPlus",
+        {"rho": 0.05, "sparsity": 0.4, "check_ranks": True, "dense_update": True, "max_update_scale": None},
+    ),
 }
 
 
@@ -111,7 +116,7 @@ def train(
         lambda *_: with_grad.append([p.grad is not None for p in model.parameters()])
     )
     share = BATCH // world
-    arms, skipped, saved = [], [], None
+    arms, stepped, skipped, saved = [], [], [], None
     for step in range(steps):
         if state is None and step == 2:
             # written and read back as a per-rank checkpoint file would be (state_dict() shares live storage)
@@ -126,11 +131,15 @@ def train(
         opt.zero_grad()
         assert opt.last_step is not None
         arms.append(opt.last_step.active1.clone())
+        # the arms whose gradient the optimizer stepped: pass 2's, or pass 1's on a one-pass step
+        second = opt.last_step.active2
+        stepped.append((opt.last_step.active1 if second is None else second).clone())
         skipped.append(opt.last_step.skipped)
     probs = opt.method.probabilities()
     record = {
         "params": full(model),
         "arms": torch.stack(arms),
+        "stepped": torch.stack(stepped),
         "skipped": skipped,
         "with_grad": torch.tensor(with_grad),
         "param_arm": opt.layout.param_arm.clone(),
