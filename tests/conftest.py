@@ -107,6 +107,31 @@ def make_trainer() -> Callable[..., L.Trainer]:
 
 
 # --- comparisons and probes shared by the step tests -----------------------------------------------------
+def gradient_after_ascent(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    ascended: Sequence[nn.Parameter],
+    grads: Sequence[Tensor],
+    rho: float,
+    differentiated: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, ...]:
+    """The reference loops' SAM pass 2, written out: the gradient of ``F.cross_entropy(model(x), y)`` with respect to
+    ``differentiated`` (default: ``ascended``) at ``w + rho g / ||g||`` on ``ascended`` (``g``: their ``grads``), the
+    weights put back afterwards."""
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    before = [p.detach().clone() for p in ascended]
+    with torch.no_grad():
+        for p, g in zip(ascended, grads, strict=True):
+            p.add_(rho * g / (norm + 1e-12))
+    wrt = list(ascended if differentiated is None else differentiated)
+    result = torch.autograd.grad(F.cross_entropy(model(x), y), wrt)
+    with torch.no_grad():
+        for p, w in zip(ascended, before, strict=True):
+            p.copy_(w)
+    return result
+
+
 def snapshot(module: nn.Module) -> dict[str, Tensor]:
     """A copy of every parameter, by name."""
     return {name: p.detach().clone() for name, p in module.named_parameters()}

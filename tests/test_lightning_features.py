@@ -22,6 +22,7 @@ from conftest import (
     TinyNet,
     assert_models_close,
     assert_models_equal,
+    gradient_after_ascent,
     make_dataset,
     quiet_trainer,
     record_compute_loss,
@@ -100,15 +101,7 @@ def reference_sam_clipped(
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     for x, y in batches:
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)  # pass 1 at w
-        norm = torch.sqrt(sum((g**2).sum() for g in grads))
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.add_(rho * g / (norm + 1e-12))
-        grads2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)  # pass 2 at w + e
-        with torch.no_grad():
-            for p, w in zip(params, saved, strict=True):
-                p.copy_(w)
+        grads2 = gradient_after_ascent(model, x, y, params, grads, rho)  # pass 2 at w + e
         for p, g in zip(params, grads2, strict=True):
             p.grad = g
         torch.nn.utils.clip_grad_norm_(params, clip_norm)

@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BATCH_SIZE, TinyNet, assert_models_equal, make_dataset, snapshot
+from conftest import BATCH_SIZE, TinyNet, assert_models_equal, gradient_after_ascent, make_dataset, snapshot
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -114,15 +114,7 @@ def reference_sam(model: nn.Module, batches: Sequence[Any], rho: float | None) -
         losses.append(float(loss.detach()))
         grads = torch.autograd.grad(loss, params)
         if rho is not None:
-            norm = torch.sqrt(sum((g**2).sum() for g in grads))
-            saved = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    p.add_(rho * g / (norm + 1e-12))
-            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-            with torch.no_grad():
-                for p, w in zip(params, saved, strict=True):
-                    p.copy_(w)
+            grads = gradient_after_ascent(model, x, y, params, grads, rho)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         optimizer.step()

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet, snapshot
+from conftest import TinyNet, gradient_after_ascent, snapshot
 from torch import nn
 
 from lightning_slsam import SLSAM, Exp3Sampler, PinnedArmsSampler, SLSAMPlus, UniformSampler, build_arms
@@ -162,7 +162,7 @@ def reference_scaled_slsam(
         decisions.append(c is None or s >= mean + c * var**0.5)
         before = [p.detach().clone() for p in params]
         if decisions[-1]:
-            grads = gradient_after_ascent(model, x, y, params, grads, params)
+            grads = gradient_after_ascent(model, x, y, params, grads, RHO)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         optimizer.step()
@@ -171,23 +171,6 @@ def reference_scaled_slsam(
             for name, p, w in zip(names, params, before, strict=True):
                 p.copy_(w + scales[step][name] * (p - w))
     return decisions, (mean, var)
-
-
-def gradient_after_ascent(
-    model: nn.Module, x: Any, y: Any, ascended: list[nn.Parameter], grads: Sequence[Any], differentiated: list[Any]
-) -> tuple[torch.Tensor, ...]:
-    """The gradient of ``differentiated`` at ``w + RHO g / ||g||`` on ``ascended`` (``g``: their ``grads``); the
-    weights are put back afterwards."""
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))
-    before = [p.detach().clone() for p in ascended]
-    with torch.no_grad():
-        for p, g in zip(ascended, grads, strict=True):
-            p.add_(RHO * g / (norm + 1e-12))
-    result = torch.autograd.grad(F.cross_entropy(model(x), y), differentiated)
-    with torch.no_grad():
-        for p, w in zip(ascended, before, strict=True):
-            p.copy_(w)
-    return result
 
 
 def take(loader: Any, k: int) -> list[Any]:
@@ -416,7 +399,7 @@ def reference_dense_update(model: nn.Module, batches: Sequence[Any], drawn: Sequ
         sampled = [named[n] for n in drawn[step]]
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), sampled)
         everything = list(model.parameters())
-        dense = gradient_after_ascent(model, x, y, sampled, grads, everything)
+        dense = gradient_after_ascent(model, x, y, sampled, grads, RHO, everything)
         for p, g in zip(everything, dense, strict=True):
             p.grad = g
         optimizer.step()
