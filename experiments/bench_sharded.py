@@ -1,5 +1,5 @@
 """Step time, peak memory per rank and the gradient bytes at the optimizer step, for AdamW, SAM, SL-SAM and
-``slsam_plus`` on a Llama-shaped causal LM sharded with FSDP2 over 1 and 2 ranks.
+``slsam_noisy`` on a Llama-shaped causal LM sharded with FSDP2 over 1 and 2 ranks.
 
     python experiments/bench_sharded.py                       # CPU preset, 1 and 2 ranks (gloo), all methods
     python experiments/bench_sharded.py --preset gpu --ranks 1 # on a CUDA machine (nccl), what one GPU can show
@@ -54,7 +54,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "base": ("Base", {}),
     "sam": ("SAM", {"rho": 0.01}),
     "slsam": ("SLSAM", {"rho": 0.01, "sparsity": 0.2, "seed": 0}),
-    "slsam_plus": ("SLSAMPlus", {"rho": 0.01, "sparsity": 0.2, "seed": 0}),
+    "slsam_noisy": ("SLSAMNoisy", {"rho": 0.01, "sparsity": 0.2, "seed": 0}),
 }
 
 

@@ -33,7 +33,7 @@ Examples::
     python experiments/bench_step.py --preset vit_small_64px --methods base sam slsam --profile slsam
 
 Methods are named as everywhere else: the method's name (``conf/method/<name>.yaml``: ``base sam asam ssam_f
-ssam_d lagnp arsam looksam rst slsam slsam_uniform slsam_plus msam sparse_msam``), optionally followed by ``:`` and
+ssam_d lagnp arsam looksam rst slsam slsam_uniform slsam_noisy msam sparse_msam``), optionally followed by ``:`` and
 arguments of its callback, ``NAME:key=value,key=value`` (``slsam:sparsity=0.5,arms=block,top_fraction=0.5``,
 ``slsam:norm_scale=running_mean``, ``slsam:reuse_prefix=false``, ``slsam:always_active=[head,vectors]``); the
 string is the method's label in the results. Every method runs with ``rho=0.05`` (ASAM, MSAM and sparse MSAM: their

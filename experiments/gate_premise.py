@@ -5,7 +5,7 @@ against its running mean and spread: ``s_t >= mu_t + c * sigma_t``, ``mu`` and `
 averages (momentum ``delta``) of ``s`` and of its squared deviation. Under SL-SAM only the sampled arms have a
 gradient on pass 1, so a gate has ``s_S = sum_{i in S_t} ||g_i||^2`` instead of the dense ``s``; ``S_t`` changes
 every step. This script trains ResNet-20 densely (AdamW) on the noisy-digits task of docs/results.md, records every
-arm's squared gradient norm at every step, replays SL-SAM's sampler over those norms (``slsam_plus``'s, the head and
+arm's squared gradient norm at every step, replays SL-SAM's sampler over those norms (``slsam_noisy``'s, the head and
 1-D tensors pinned, and the paper's, nothing pinned), and asks how often a gate on what SL-SAM can see takes the same
 decision as the gate on the dense norm:
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from lightning_slsam.data import DigitsDataModule
 from lightning_slsam.engine.arms import build_arms
-from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions, gate_step
+from lightning_slsam.methods.slsam import SLSAMNoisyOptions, SLSAMOptions, gate_step
 from lightning_slsam.models.resnet_cifar import resnet20_cifar
 
 
@@ -106,7 +106,7 @@ def record_norms(seed: int, epochs: int, lr: float, threads: int) -> tuple[torch
 
 
 #: the samplers replayed: SL-SAM's options at their defaults (sparsity 0.2, the Exp3 bandit over tensor arms)
-SAMPLERS = {"slsam_plus": SLSAMPlusOptions, "slsam": SLSAMOptions}
+SAMPLERS = {"slsam_noisy": SLSAMNoisyOptions, "slsam": SLSAMOptions}
 
 
 def replay(
@@ -188,7 +188,7 @@ def main() -> None:
         "lr": args.lr,
         "steps": len(dense),
         "arms": norms.shape[1],
-        "samplers": "Exp3 over the tensor arms, sparsity 0.2; slsam_plus: head and 1-D tensors pinned; slsam: none",
+        "samplers": "Exp3 over the tensor arms, sparsity 0.2; slsam_noisy: head and 1-D tensors pinned; slsam: none",
         "sampler_seeds": args.sampler_seeds,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
         "seconds": round(time.perf_counter() - start, 1),

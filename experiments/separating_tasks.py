@@ -2,7 +2,7 @@
 
 Three subcommands, each one exact command in ``docs/results.md``:
 
-    python experiments/separating_tasks.py run --task digits_noisy --methods base sam slsam slsam_plus \\
+    python experiments/separating_tasks.py run --task digits_noisy --methods base sam slsam slsam_noisy \\
         --lrs 1e-3 3e-3 --seeds 0 1 2 --jobs 2 --out multirun/separating/digits_noisy
     python experiments/separating_tasks.py summarize multirun/separating/digits_noisy \\
         --out experiments/results/separating/digits_noisy.json
@@ -162,18 +162,18 @@ METHODS: dict[str, list[str]] = {
     "slsam_scaled_rm": ["method=slsam", "method.max_update_scale=5.0", "method.norm_scale=running_mean"],
     "slsam_scaled_s05": ["method=slsam", "method.max_update_scale=5.0", "method.sparsity=0.5"],
     # the shipped combination: the head and 1-D tensors always active, and the update scaling
-    "slsam_plus": ["method=slsam_plus"],
+    "slsam_noisy": ["method=slsam_noisy"],
     # the controls that separate sharpness from sparsity (issue 23): the same sampler, pinned arms and update scaling
     # with no ascent at all. ``method.rho`` (not the global ``rho``, which the task sets and the method config only
     # interpolates) so that the override lands on the method whatever the task's rho is
     "slsam_rho0": ["method=slsam", "method.rho=0"],
-    "slsam_plus_rho0": ["method=slsam_plus", "method.rho=0"],
+    "slsam_noisy_rho0": ["method=slsam_noisy", "method.rho=0"],
     # candidate defaults that bound how far a sampled tensor moves per step: the update-scale cap at 2 instead of 5
-    "slsam_plus_c2": ["method=slsam_plus", "method.max_update_scale=2.0"],
-    "slsam_plus_c2_rho0": ["method=slsam_plus", "method.max_update_scale=2.0", "method.rho=0"],
+    "slsam_noisy_c2": ["method=slsam_noisy", "method.max_update_scale=2.0"],
+    "slsam_noisy_c2_rho0": ["method=slsam_noisy", "method.max_update_scale=2.0", "method.rho=0"],
     # and one that samples half of the tensors instead of a fifth (more of each step's update is dense)
-    "slsam_plus_s05": ["method=slsam_plus", "method.sparsity=0.5"],
-    # one pass per step: Momentum-SAM (its own radius, 3.0, not the task's rho) and its sparse form on slsam_plus's
+    "slsam_noisy_s05": ["method=slsam_noisy", "method.sparsity=0.5"],
+    # one pass per step: Momentum-SAM (its own radius, 3.0, not the task's rho) and its sparse form on slsam_noisy's
     # sampler and levers, with the control that runs the same sparse one-pass step without any ascent
     "msam": ["method=msam"],
     "sparse_msam": ["method=sparse_msam"],
@@ -184,13 +184,17 @@ METHODS: dict[str, list[str]] = {
     # Momentum-SAM's radius of 3 (the authors', from-scratch training) collapses the pretrained MiniLM; 0.3 trains
     "msam_r0.3": ["method=msam", "method.rho=0.3"],
     "sparse_msam_r0.3": ["method=sparse_msam", "method.rho=0.3"],
-    # slsam_plus with AE-SAM's gate on the second pass: the ascent and pass 2 only on steps whose squared pass-1
+    # slsam_noisy with AE-SAM's gate on the second pass: the ascent and pass 2 only on steps whose squared pass-1
     # norm is at least its running mean (c = 0) or half a standard deviation under it (c = -0.5)
-    "slsam_plus_gate0": ["method=slsam_plus", "method.second_pass_gate=0"],
-    "slsam_plus_gate-0.5": ["method=slsam_plus", "method.second_pass_gate=-0.5"],
-    # slsam_plus's sparse ascent (head and 1-D tensors pinned, a fifth of the others sampled) with a dense update:
-    # pass 2 and AdamW on every tensor, no update scaling. Its rho=0 control is AdamW itself (bitwise)
-    "slsam_dense": ["method=slsam_plus", "method.max_update_scale=null", "method.dense_update=true"],
+    "slsam_noisy_gate0": ["method=slsam_noisy", "method.second_pass_gate=0"],
+    "slsam_noisy_gate-0.5": ["method=slsam_noisy", "method.second_pass_gate=-0.5"],
+    # the shipped default: the sparse ascent of slsam_noisy (head and 1-D tensors pinned, a fifth of the others
+    # sampled) with a dense update: pass 2 and AdamW on every tensor, no update scaling. Its rho=0 control is AdamW
+    # itself (bitwise)
+    "slsam_plus": ["method=slsam_plus"],
+    # the same dense update with the ascent only in the top third of the tensors (the head pinned, no lower tensor):
+    # pass 1's backward stops there, which brings the step under 0.8x SAM's on both benchmark models
+    "slsam_plus_top": ["method=slsam_plus", "method.always_active=[head]", "method.top_fraction=0.34"],
 }
 
 
@@ -464,11 +468,12 @@ def accuracy_table(
 #: scaling, no ascent (at ``rho=0`` the radius is gone, so one control serves ``sparse_msam`` at every radius)
 RHO0_CONTROLS: dict[str, str] = {
     "slsam": "slsam_rho0",
-    "slsam_plus": "slsam_plus_rho0",
+    "slsam_noisy": "slsam_noisy_rho0",
     "sparse_msam": "sparse_msam_rho0",
     "sparse_msam_r0.3": "sparse_msam_rho0",
     # a dense update without an ascent is AdamW's step (tests/test_slsam_levers.py, bitwise): AdamW is the control
-    "slsam_dense": "base",
+    "slsam_plus": "base",
+    "slsam_plus_top": "base",
 }
 
 
@@ -873,7 +878,7 @@ def budget(args: argparse.Namespace) -> int:
 
 
 #: the methods whose sampling probabilities (seed 0, best-epoch learning rate) are drawn as a heatmap
-HEATMAP_METHODS = ("slsam", "slsam_scaled", "slsam_scaled_s05", "slsam_plus")
+HEATMAP_METHODS = ("slsam", "slsam_scaled", "slsam_scaled_s05", "slsam_noisy", "slsam_plus")
 
 
 def _plot_heatmaps(task: str, runs: list[dict[str, Any]], chosen: dict[str, Any], assets: Path) -> list[Path]:

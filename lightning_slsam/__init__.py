@@ -24,6 +24,7 @@ from lightning_slsam.lightning_adapter.callback import (
     LayerwiseGNP,
     LookSAM,
     SharpnessAware,
+    SLSAMNoisy,
     SLSAMPlus,
     SparseMSAM,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "RSTMethod",
     "SAMMethod",
     "SLSAMMethod",
+    "SLSAMNoisy",
     "SLSAMPlus",
     "SSAMDMethod",
     "SSAMFMethod",

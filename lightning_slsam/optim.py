@@ -46,7 +46,7 @@ from lightning_slsam.methods.msam import MSAMOptions
 from lightning_slsam.methods.registry import class_for
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
-from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.slsam import SLSAMNoisyOptions, SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.sparse_msam import SparseMSAMOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 
@@ -62,6 +62,7 @@ __all__ = [
     "Base",
     "LayerwiseGNP",
     "LookSAM",
+    "SLSAMNoisy",
     "SLSAMPlus",
     "SharpnessAwareOptimizer",
     "SparseMSAM",
@@ -464,10 +465,17 @@ class SLSAM(SharpnessAwareOptimizer):
 
 
 class SLSAMPlus(SharpnessAwareOptimizer):
-    """SL-SAM with the head and 1-D tensors always active and its update scaled for the sampling rate: arguments
+    """SL-SAM's sparse ascent with a dense update (every trainable tensor steps every step): arguments
     :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
     options_class = SLSAMPlusOptions
+
+
+class SLSAMNoisy(SharpnessAwareOptimizer):
+    """SL-SAM for noisy labels (sparse update, scaled by min(1/p, 5), head and 1-D tensors always active):
+    arguments :class:`~lightning_slsam.methods.slsam.SLSAMNoisyOptions` and the step options."""
+
+    options_class = SLSAMNoisyOptions
 
 
 class MSAM(SharpnessAwareOptimizer):
@@ -497,6 +505,7 @@ NAMED_OPTIMIZERS: tuple[type[SharpnessAwareOptimizer], ...] = (
     RST,
     SLSAM,
     SLSAMPlus,
+    SLSAMNoisy,
     MSAM,
     SparseMSAM,
 )

@@ -61,7 +61,7 @@ def test_memory_child_reports_a_peak(bench, capsys):
 
 
 def test_method_names_are_the_configs_names_with_callback_arguments(bench):
-    assert {"slsam", "slsam:arms=block", "slsam_uniform", "slsam_plus"} <= set(bench.expand_methods(["all"]))
+    assert {"slsam", "slsam:arms=block", "slsam_uniform", "slsam_noisy"} <= set(bench.expand_methods(["all"]))
     assert bench.expand_methods(["base", "slsam:sparsity=0.5,arms=module", "base"]) == [
         "base",
         "slsam:sparsity=0.5,arms=module",
@@ -78,7 +78,7 @@ def test_method_names_are_the_configs_names_with_callback_arguments(bench):
     assert {"msam", "sparse_msam"} <= set(bench.expand_methods(["all"]))
     assert bench.make_callback("msam").options.rho == bench.make_callback("sparse_msam").options.rho == 3.0
     assert bench.make_callback("asam").options.rho == 0.5
-    pinned = bench.make_callback("slsam_plus:always_active=[head,vectors],max_update_scale=2")
+    pinned = bench.make_callback("slsam_noisy:always_active=[head,vectors],max_update_scale=2")
     assert pinned.options.always_active == ["head", "vectors"] and pinned.options.max_update_scale == 2
     assert "top_fraction=0.5" in bench.describe_method("slsam:sparsity=0.5,arms=block,top_fraction=0.5")
     assert bench.describe_method("sam").startswith("Sharpness-aware minimization")

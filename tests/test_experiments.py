@@ -223,7 +223,7 @@ def test_cifar_train_limit_is_a_declared_key(tmp_path: Path) -> None:
 
 
 # --- what the results record says about costs and pinned arms -------------------------------------------------------
-def test_the_second_job_of_a_process_flags_its_cpu_peak_memory_and_slsam_plus_records_its_pinned_arms(
+def test_the_second_job_of_a_process_flags_its_cpu_peak_memory_and_slsam_noisy_records_its_pinned_arms(
     tmp_path: Path, monkeypatch
 ) -> None:
     import torch
@@ -232,7 +232,7 @@ def test_the_second_job_of_a_process_flags_its_cpu_peak_memory_and_slsam_plus_re
 
     monkeypatch.setattr(run_stats, "_fits_started", 0)  # as in a fresh process (pytest ran fits before)
     shared = []
-    for job, method in enumerate(("base", "slsam_plus")):
+    for job, method in enumerate(("base", "slsam_noisy")):
         run_dir = tmp_path / str(job)
         cfg = compose_config([f"method={method}", "data.train_limit=64", *SHRINK], str(run_dir))
         train(cfg)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import lightning_slsam
-from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin, SLSAMPlus, optim
+from lightning_slsam import SAM, SLSAM, Base, SharpnessAwareMixin, SLSAMNoisy, optim
 from lightning_slsam.lightning_adapter.callback import CALLBACKS
 
 RHO = 0.05
@@ -168,7 +168,7 @@ MOMENTUM_METHODS = ("msam", "sparse_msam")
 def test_a_layer_frozen_during_training_stays_frozen(name: str) -> None:
     """Every method: a layer frozen at epoch 1 keeps requires_grad=False and its values from then on."""
     kwargs: dict[str, Any] = {"rho": RHO} if name != "base" else {}
-    if name in ("slsam", "slsam_plus", "rst", "ssam_d", "sparse_msam"):
+    if name in ("slsam", "slsam_noisy", "rst", "ssam_d", "sparse_msam"):
         kwargs["seed"] = 0
     if name == "ssam_f":
         kwargs.update(num_samples=8, per_sample="loop")
@@ -186,9 +186,11 @@ def test_a_layer_frozen_during_training_stays_frozen(name: str) -> None:
     assert all(p.requires_grad for p in module.head.parameters())
 
 
-@pytest.mark.parametrize("callback", [lambda: SLSAM(rho=RHO, sparsity=0.5, seed=0), lambda: SLSAMPlus(rho=RHO, seed=0)])
+@pytest.mark.parametrize(
+    "callback", [lambda: SLSAM(rho=RHO, sparsity=0.5, seed=0), lambda: SLSAMNoisy(rho=RHO, seed=0)]
+)
 def test_slsam_samples_only_trainable_arms_and_follows_an_unfreeze(callback: Callable[[], Any]) -> None:
-    """SL-SAM (and slsam_plus, whose pinned head is then its only trainable arm) samples only arms with a trainable
+    """SL-SAM (and slsam_noisy, whose pinned head is then its only trainable arm) samples only arms with a trainable
     parameter; after the unfreeze the sampler covers the backbone too, with the same random stream going on."""
     module = BackboneNet()
     sam = callback()
@@ -338,13 +340,13 @@ def _traced_lines(run: Callable[[], Any], interrupt_at: int | None) -> int:
     [
         lambda m, b: optim.SAM(m, b, rho=RHO),
         lambda m, b: optim.SLSAM(m, b, rho=RHO, sparsity=0.5, seed=0),
-        lambda m, b: optim.SLSAMPlus(m, b, rho=RHO, seed=0),
+        lambda m, b: optim.SLSAMNoisy(m, b, rho=RHO, seed=0),
     ],
-    ids=["sam", "slsam", "slsam_plus"],
+    ids=["sam", "slsam", "slsam_noisy"],
 )
 def test_an_interrupt_at_every_line_of_a_step_leaves_no_perturbed_weight(make: Callable[..., Any]) -> None:
     """A KeyboardInterrupt raised at each line the package runs during one step (a Ctrl-C there): afterwards the
-    weights are the step's start or its end (slsam_plus: or its end before the update scaling, a plain optimizer
+    weights are the step's start or its end (slsam_noisy: or its end before the update scaling, a plain optimizer
     update), never w + e, and the user's requires_grad flags are as they were."""
     batch = next(iter(loader()))
 
@@ -359,7 +361,7 @@ def test_an_interrupt_at_every_line_of_a_step_leaves_no_perturbed_weight(make: C
     end = snapshot(model)
     assert lines > 50
     outcomes = {"w (the step's start)": start, "the step's result": end}
-    if getattr(opt.method, "max_update_scale", None):  # slsam_plus scales the update after the optimizer step
+    if getattr(opt.method, "max_update_scale", None):  # slsam_noisy scales the update after the optimizer step
         model, opt = fresh()
         opt.method._scale_updates = lambda: setattr(opt.method, "_before", None)
         opt.step(lambda: model.compute_loss(batch))
@@ -479,7 +481,7 @@ def test_plain_loop_loss_under_no_grad_is_an_error(name: str) -> None:
         opt.step(lambda: model.compute_loss(batch).detach())
 
 
-@pytest.mark.parametrize("name", ["SLSAM", "SLSAMPlus"])
+@pytest.mark.parametrize("name", ["SLSAM", "SLSAMNoisy"])
 def test_slsam_warns_when_no_sampled_parameter_gets_a_gradient_for_many_steps(name: str) -> None:
     """Plain SL-SAM samples a few tensors per step; a step without gradient may be an idle head, many in a row
     are a detached loss: warned once they reach NO_GRADIENT_WARN_STEPS."""
@@ -490,7 +492,7 @@ def test_slsam_warns_when_no_sampled_parameter_gets_a_gradient_for_many_steps(na
         torch.manual_seed(0)
         model.model = nn.Sequential(nn.Linear(IN_FEATURES, 8), *[nn.Linear(8, 8) for _ in range(8)], nn.Linear(8, 3))
     before = snapshot(model)
-    # 20 tensors (slsam_plus: 9 sampled weights): all of them active at once has probability < 1e-8
+    # 20 tensors (slsam_noisy: 9 sampled weights): all of them active at once has probability < 1e-8
     opt = getattr(optim, name)(model, torch.optim.SGD(model.parameters(), lr=LR), sparsity=0.1, seed=0)
     batch = next(iter(loader()))
     with pytest.warns(UserWarning, match="no sampled parameter received a gradient in 20 steps in a row"):
@@ -514,7 +516,7 @@ def test_an_unused_parameter_is_normal_for_every_method(name: str) -> None:
     """Every method trains a model with an unused head, through Trainer.fit and the plain loop; SL-SAM also on
     steps whose sampled arms all got no gradient. The unused head never moves."""
     kwargs: dict[str, Any] = {} if name == "base" else {"rho": RHO}
-    if name in ("slsam", "slsam_plus", "rst", "ssam_d", "sparse_msam"):
+    if name in ("slsam", "slsam_noisy", "rst", "ssam_d", "sparse_msam"):
         kwargs["seed"] = 0
     if name == "slsam":
         kwargs["sparsity"] = 0.25
@@ -571,11 +573,11 @@ class TiedLM(SharpnessAwareMixin, L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def test_slsam_plus_pins_a_tied_head_through_the_shared_tensor() -> None:
+def test_slsam_noisy_pins_a_tied_head_through_the_shared_tensor() -> None:
     tokens = torch.randint(0, 20, (64, 6), generator=torch.Generator().manual_seed(0))
     data = DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=16)
     module = TiedLM()
-    callback = SLSAMPlus(rho=RHO, seed=0)
+    callback = SLSAMNoisy(rho=RHO, seed=0)
     quiet_trainer([callback], max_steps=6).fit(module, data)
     embed = callback.layout.names.index("embed.weight")
     assert int(callback.selection_counts[embed]) == 6  # pinned: active on every step

@@ -61,9 +61,9 @@ def test_replay_sums_the_squared_norms_of_the_sampled_arms(premise) -> None:
     model = resnet20_cifar(num_classes=10)
     arms = len(build_arms(model, "tensor"))
     norms = torch.rand(6, arms, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    sampled, per_arm = premise.replay(model, norms, "slsam_plus", 3)
+    sampled, per_arm = premise.replay(model, norms, "slsam_noisy", 3)
     # the same sampler, fed the same norms, draws the same arms
-    sampler = premise.SAMPLERS["slsam_plus"](seed=3).sampler_for(
+    sampler = premise.SAMPLERS["slsam_noisy"](seed=3).sampler_for(
         model, build_arms(model, "tensor"), torch.ones(arms, dtype=torch.bool), 3
     )
     for step, q in enumerate(norms):

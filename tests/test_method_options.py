@@ -59,7 +59,7 @@ BAD: list[tuple[str, str, Any]] = [
     ("slsam", "top_fraction", 0.0),
     ("slsam", "always_active", [""]),
     ("slsam", "max_update_scale", 0.5),
-    ("slsam_plus", "max_update_scale", math.inf),
+    ("slsam_noisy", "max_update_scale", math.inf),
     ("slsam", "seed", "zero"),
 ]
 
@@ -169,12 +169,27 @@ def test_an_unknown_argument_is_named_with_the_accepted_ones(name: str) -> None:
         CALLBACKS[name](rh0=0.1)
 
 
-def test_slsam_plus_is_slsam_with_head_and_vectors_pinned_and_the_update_scaled() -> None:
-    plus, plain = METHOD_OPTIONS["slsam_plus"](), METHOD_OPTIONS["slsam"]()
+def test_slsam_noisy_is_slsam_with_head_and_vectors_pinned_and_the_update_scaled() -> None:
+    plus, plain = METHOD_OPTIONS["slsam_noisy"](), METHOD_OPTIONS["slsam"]()
     assert plus.max_update_scale == 5.0 and plain.max_update_scale is None
     assert plus.always_active == ["head", "vectors"] and plain.always_active == []
     assert dataclasses.replace(plus, max_update_scale=None, always_active=[]).as_dict() == plain.as_dict()
-    assert METHOD_OPTIONS["slsam_plus"]().always_active is not plus.always_active  # no shared default list
+    assert METHOD_OPTIONS["slsam_noisy"]().always_active is not plus.always_active  # no shared default list
+
+
+def test_slsam_plus_is_slsam_with_head_and_vectors_pinned_and_a_dense_update() -> None:
+    plus, plain = METHOD_OPTIONS["slsam_plus"](), METHOD_OPTIONS["slsam"]()
+    assert plus.dense_update and not plain.dense_update and plus.max_update_scale is None
+    assert plus.always_active == ["head", "vectors"]
+    assert dataclasses.replace(plus, dense_update=False, always_active=[]).as_dict() == plain.as_dict()
+    assert (plus.label, dataclasses.replace(plus, dense_update=False).label) == ("slsam_plus", "slsam_plus_sparse")
+    noisy = METHOD_OPTIONS["slsam_noisy"](dense_update=True, max_update_scale=None)
+    assert noisy.label == "slsam_noisy_dense"
+
+
+def test_slsam_plus_names_the_way_back_to_the_scaled_sparse_update() -> None:
+    with pytest.raises(ValueError, match=r"^dense_update: .*max_update_scale=None, or dense_update=False"):
+        METHOD_OPTIONS["slsam_plus"](max_update_scale=5.0)
 
 
 def test_a_subclass_may_build_its_own_method() -> None:

@@ -354,7 +354,7 @@ def test_msam_skipped_step_changes_nothing_and_training_goes_on() -> None:
 #: ``sparsity``, so the update factor of a sampled free arm is min(1 / sparsity, max_update_scale)
 SPARSE_CASES: list[dict[str, Any]] = [
     {"rho": RHO, "sparsity": 0.5, "seed": 0, "sampler": "uniform", "always_active": [], "max_update_scale": None},
-    {"rho": RHO, "sparsity": 0.5, "seed": 1, "sampler": "uniform"},  # slsam_plus's levers: pins and scaling
+    {"rho": RHO, "sparsity": 0.5, "seed": 1, "sampler": "uniform"},  # slsam_noisy's levers: pins and scaling
     {"rho": RHO, "sparsity": 0.4, "seed": 2},  # the Exp3 bandit, every default lever
 ]
 PINNED = {"model.0.bias", "model.2.bias", "model.4.weight", "model.4.bias"}  # TinyNet's head and vectors

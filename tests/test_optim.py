@@ -34,7 +34,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("SAM", {"rho": 0.1}),
     ("ASAM", {"rho": 0.5}),
     ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3}),
-    ("SLSAMPlus", {"rho": 0.1, "seed": 3}),
+    ("SLSAMNoisy", {"rho": 0.1, "seed": 3}),
     ("LookSAM", {"rho": 0.1, "k": 2}),
     ("RST", {"rho": 0.1, "seed": 3}),
     ("ARSAM", {"rho": 0.1, "max_interval": 2}),
@@ -127,14 +127,14 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("SAM", {"rho": 0.1, "clip_grad_norm": 0.05, "clip_grad_value": 0.01}),
     ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "arms": "module", "bn_running_stats": "both"}),
     ("SLSAM", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "arms": "block", "reuse_prefix": False}),
-    ("SLSAMPlus", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "second_pass_gate": 0.0}),
+    ("SLSAMNoisy", {"rho": 0.1, "sparsity": 0.5, "seed": 3, "second_pass_gate": 0.0}),
 ]
 
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     METHODS + OPTIONS,
-    ids=[name for name, _ in METHODS] + ["SAM-clip", "SLSAM-module-bn-both", "SLSAM-block-no-reuse", "SLSAMPlus-gate"],
+    ids=[name for name, _ in METHODS] + ["SAM-clip", "SLSAM-module-bn-both", "SLSAM-block-no-reuse", "SLSAMNoisy-gate"],
 )
 def test_plain_loop_equals_trainer_fit(name: str, kwargs: dict[str, Any]) -> None:
     module = TinyNet(batch_norm=True)

@@ -159,21 +159,21 @@ def test_a_gated_method_costs_its_two_kinds_of_step_weighted_by_how_often_traini
     bench = tmp_path / "gate.json"
     one = {"cost_vs_base": 0.7, "median_vs_base": 0.7, "memory_vs_base": 0.6}
     two = {"cost_vs_base": 1.5, "median_vs_base": 1.5, "memory_vs_base": 0.62}
-    bench.write_text(json.dumps({"results": {"slsam_plus": two, "slsam_plus:second_pass_gate=1e9": one}}))
+    bench.write_text(json.dumps({"results": {"slsam_noisy": two, "slsam_noisy:second_pass_gate=1e9": one}}))
     runs = [
-        {"method": "slsam_plus_gate0", "lr": 1e-2, "best": 0.9, "passes_per_step": 1.2},
-        {"method": "slsam_plus_gate0", "lr": 1e-2, "best": 0.9, "passes_per_step": 1.4},
+        {"method": "slsam_noisy_gate0", "lr": 1e-2, "best": 0.9, "passes_per_step": 1.2},
+        {"method": "slsam_noisy_gate0", "lr": 1e-2, "best": 0.9, "passes_per_step": 1.4},
         # a worse rate's runs do not count: the cost is the one of the rate whose accuracy is reported
-        {"method": "slsam_plus_gate0", "lr": 3e-2, "best": 0.5, "passes_per_step": 1.9},
-        {"method": "slsam_plus", "lr": 1e-2, "best": 0.9, "passes_per_step": 2.0},
+        {"method": "slsam_noisy_gate0", "lr": 3e-2, "best": 0.5, "passes_per_step": 1.9},
+        {"method": "slsam_noisy", "lr": 1e-2, "best": 0.9, "passes_per_step": 2.0},
     ]
     rows = tasks.gated_rows([str(bench)], runs)
-    assert set(rows) == {"slsam_plus_gate0"}  # the other gated method has no runs
-    row = rows["slsam_plus_gate0"]
+    assert set(rows) == {"slsam_noisy_gate0"}  # the other gated method has no runs
+    row = rows["slsam_noisy_gate0"]
     assert row["cost_vs_base"] == pytest.approx(0.3 * 1.5 + 0.7 * 0.7)
     assert row["memory_vs_base"] == 0.62 and row["pass2_fraction"] == pytest.approx(0.3)
     # without the one-pass row there is nothing to weigh
-    bench.write_text(json.dumps({"results": {"slsam_plus": two}}))
+    bench.write_text(json.dumps({"results": {"slsam_noisy": two}}))
     assert tasks.gated_rows([str(bench)], runs) == {}
 
 
@@ -188,7 +188,7 @@ def test_frontier_equals_the_pairwise_definition(tasks, seed: int) -> None:
     import random
 
     rng = random.Random(seed)
-    methods = ["base", "sam", "looksam", "slsam", "slsam_plus", "slsam_plus_rho0", "msam", "sparse_msam"]
+    methods = ["base", "sam", "looksam", "slsam", "slsam_noisy", "slsam_noisy_rho0", "msam", "sparse_msam"]
     cost = {m: rng.choice([0.8, 1.0, 1.2, 1.5, 2.0]) for m in methods}
     runs, means = [], {}
     for m in methods:
@@ -220,7 +220,7 @@ def test_budget_table_takes_the_most_accurate_method_within_each_budget(tasks, t
     }
     noisy = {
         "task": "noisy",
-        "points": [point("base", 80.0, 1.0), point("slsam_plus", 85.0, 1.5), dict(point("rst", 99.0, 1.1), seeds=1)],
+        "points": [point("base", 80.0, 1.0), point("slsam_noisy", 85.0, 1.5), dict(point("rst", 99.0, 1.1), seeds=1)],
     }
     paths = []
     for record in (clean, noisy):
@@ -232,7 +232,7 @@ def test_budget_table_takes_the_most_accurate_method_within_each_budget(tasks, t
     rows = {line.split(" | ")[0]: line for line in page.read_text().splitlines() if line.startswith("| ")}
     at_adamw = rows["| AdamW's step time (≤ 1.0x)"]
     assert "`base` 91.0 ± 0.5, +0.0 vs AdamW (1.00x)" in at_adamw and "`base` 80.0" in at_adamw
-    assert "`slsam_plus` 85.0 ± 0.5, +5.0 vs AdamW (1.50x)" in rows["| ≤ 1.6x AdamW"]
+    assert "`slsam_noisy` 85.0 ± 0.5, +5.0 vs AdamW (1.50x)" in rows["| ≤ 1.6x AdamW"]
     assert "`sam` 92.0 ± 0.5, +1.0 vs AdamW (2.00x)" in rows["| any (SAM is about 2x)"]
     assert "old" not in page.read_text()
 
@@ -310,18 +310,18 @@ def test_summary_flags_diverged_runs_and_the_report_counts_them(tasks, tmp_path:
     sweep = tmp_path / "digits_clean"
     for seed in (0, 1, 2):
         write_run(sweep, "base", 1e-2, seed, [0.8, 0.95, 0.96])
-        write_run(sweep, "slsam_plus", 3e-3, seed, [0.7, 0.9, 0.93])
-        write_run(sweep, "slsam_plus", 1e-2, seed, [0.8, 0.94, 0.95] if seed else [0.8, 0.6, 0.4])  # seed 0 collapses
-        write_run(sweep, "slsam_plus", 3e-2, seed, [0.3, 0.12, 0.11])  # every seed ends at chance
+        write_run(sweep, "slsam_noisy", 3e-3, seed, [0.7, 0.9, 0.93])
+        write_run(sweep, "slsam_noisy", 1e-2, seed, [0.8, 0.94, 0.95] if seed else [0.8, 0.6, 0.4])  # seed 0 collapses
+        write_run(sweep, "slsam_noisy", 3e-2, seed, [0.3, 0.12, 0.11])  # every seed ends at chance
     summary = tmp_path / "summary.json"
     assert tasks.main(["summarize", str(sweep), "--out", str(summary)]) == 0
     data = json.loads(summary.read_text())
     assert data["chance"] == 0.1
     flags = {(r["method"], r["lr"], r["seed"]): r["diverged"] for r in data["runs"]}
-    assert flags[("slsam_plus", 1e-2, 0)] == "collapsed"
-    assert [flags[("slsam_plus", 3e-2, s)] for s in (0, 1, 2)] == ["chance"] * 3
+    assert flags[("slsam_noisy", 1e-2, 0)] == "collapsed"
+    assert [flags[("slsam_noisy", 3e-2, s)] for s in (0, 1, 2)] == ["chance"] * 3
     assert sum(bool(f) for f in flags.values()) == 4
-    assert tasks.diverged_by_rate(data["runs"], "slsam_plus", 0.1) == {3e-3: (0, 3), 1e-2: (1, 3), 3e-2: (3, 3)}
+    assert tasks.diverged_by_rate(data["runs"], "slsam_noisy", 0.1) == {3e-3: (0, 3), 1e-2: (1, 3), 3e-2: (3, 3)}
 
     markdown = tmp_path / "report.md"
     command = ["report", str(summary), "--assets", str(tmp_path / "assets"), "--out", str(markdown)]
@@ -330,15 +330,15 @@ def test_summary_flags_diverged_runs_and_the_report_counts_them(tasks, tmp_path:
     best_table, final_table = text.split("Last-epoch")[0], text.split("Last-epoch")[1].split("Learning rates")[0]
     # both metrics pick 3e-3 (93.0; 1e-2's collapsed seed pulls its mean to 90.0 best / 76.7 last): the row says
     # that two of the three rates had diverged seeds
-    plus_best = next(line for line in best_table.splitlines() if line.startswith("| `slsam_plus`"))
+    plus_best = next(line for line in best_table.splitlines() if line.startswith("| `slsam_noisy`"))
     assert plus_best.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
-    plus_final = next(line for line in final_table.splitlines() if line.startswith("| `slsam_plus`"))
-    assert plus_final.startswith("| `slsam_plus` | 0.003 | lowest of 3 | 3 | 93.0 ± 0.0 |")
+    plus_final = next(line for line in final_table.splitlines() if line.startswith("| `slsam_noisy`"))
+    assert plus_final.startswith("| `slsam_noisy` | 0.003 | lowest of 3 | 3 | 93.0 ± 0.0 |")
     assert plus_final.endswith("| 0/3; 2 of 3 rates (0.01: 1/3, 0.03: 3/3) |")
     base_final = next(line for line in final_table.splitlines() if line.startswith("| `base`"))
     assert base_final.endswith("| 0/3; 0 of 1 rates |") and "| only rate |" in base_final
     assert (
-        "`slsam_plus` 0.003 (93.0 / 93.0), 0.01 (90.0 / 76.7, 1/3 diverged), 0.03 (30.0 / 11.0, 3/3 diverged)" in text
+        "`slsam_noisy` 0.003 (93.0 / 93.0), 0.01 (90.0 / 76.7, 1/3 diverged), 0.03 (30.0 / 11.0, 3/3 diverged)" in text
     )
     assert "within 5 points of chance (10.0 %)" in text
 
@@ -372,22 +372,22 @@ def test_control_table_splits_the_gain_into_sparsity_and_ascent(tasks) -> None:
 
     runs = [
         *runs_of("base", 1e-2, 0.90, 0.80),
-        *runs_of("slsam_plus", 1e-2, 0.95, 0.94),
-        *runs_of("slsam_plus_rho0", 1e-2, 0.92, 0.85),
-        *runs_of("slsam_plus_rho0", 3e-3, 0.93, 0.84),  # best epoch at 3e-3, last at 1e-2: each its own rate
+        *runs_of("slsam_noisy", 1e-2, 0.95, 0.94),
+        *runs_of("slsam_noisy_rho0", 1e-2, 0.92, 0.85),
+        *runs_of("slsam_noisy_rho0", 3e-3, 0.93, 0.84),  # best epoch at 3e-3, last at 1e-2: each its own rate
         *runs_of("slsam", 1e-2, 0.91, 0.90),  # no control swept: no row
         # at rho=0 the radius is gone: sparse_msam at either radius is split against the one control
         *runs_of("sparse_msam_r0.3", 1e-2, 0.89, 0.88),
         *runs_of("sparse_msam_rho0", 1e-2, 0.87, 0.86),
         # the dense update's control is AdamW: all of its gain is the ascent's
-        *runs_of("slsam_dense", 1e-2, 0.91, 0.83),
+        *runs_of("slsam_plus", 1e-2, 0.91, 0.83),
     ]
     assert tasks.control_table(runs) == [
         "| method | − base (best / last) | sparsity alone: `rho=0` − base | the ascent: method − `rho=0` |",
         "|---|---:|---:|---:|",
-        "| `slsam_plus` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
+        "| `slsam_noisy` | +5.0 / +14.0 | +3.0 / +5.0 | +2.0 / +9.0 |",
         "| `sparse_msam_r0.3` | -1.0 / +8.0 | -3.0 / +6.0 | +2.0 / +2.0 |",
-        "| `slsam_dense` | +1.0 / +3.0 | +0.0 / +0.0 | +1.0 / +3.0 |",
+        "| `slsam_plus` | +1.0 / +3.0 | +0.0 / +0.0 | +1.0 / +3.0 |",
     ]
     assert tasks.control_table([r for r in runs if r["method"] != "base"]) == []
 

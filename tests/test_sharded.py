@@ -21,7 +21,7 @@ from lightning_slsam.engine.sharding import complete_optimizer_state, locals_of,
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_optim.py"
 STEPS = 6
-METHODS = ["base", "sam", "slsam", "slsam_plus", "rst", "slsam_dense"]
+METHODS = ["base", "sam", "slsam", "slsam_noisy", "rst", "slsam_plus"]
 pytestmark = pytest.mark.slow
 
 
@@ -65,7 +65,7 @@ def test_two_sharded_ranks_equal_one_process(ranks: list[dict[str, Any]], method
     assert any(not torch.equal(v, ranks[0]["init"][k]) for k, v in single["params"].items() if k != "extra")
 
 
-@pytest.mark.parametrize("method", ["slsam", "slsam_plus", "slsam_dense"])
+@pytest.mark.parametrize("method", ["slsam", "slsam_noisy", "slsam_plus"])
 def test_sparse_steps_sample_and_learn_alike(ranks: list[dict[str, Any]], method: str) -> None:
     a, b = ranks[0]["sharded"][method], ranks[1]["sharded"][method]
     assert not bool(a["arms"].all())  # sparse: some arms left out
@@ -80,7 +80,7 @@ def test_only_active_arms_reach_the_optimizer_with_a_gradient(ranks: list[dict[s
     run = ranks[1]["sharded"][method]
     per_param = run["stepped"][:, run["param_arm"]]  # the arm's flag for each parameter, per step
     assert torch.equal(run["with_grad"], per_param)
-    if method == "slsam_dense":  # a sparse ascent, and every parameter stepped
+    if method == "slsam_plus":  # a sparse ascent, and every parameter stepped
         assert not bool(run["arms"].all()) and bool(run["with_grad"].all())
 
 
@@ -136,7 +136,7 @@ def run_lightning(out: Path, *args: str) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.mark.parametrize("method", ["slsam_plus"])  # every method's equality: the plain-API tests above
+@pytest.mark.parametrize("method", ["slsam_noisy"])  # every method's equality: the plain-API tests above
 def test_lightning_fsdp2_equals_one_process(tmp_path: Path, method: str) -> None:
     (single,) = run_lightning(tmp_path / "single", "single", method, "6")
     ranks = run_lightning(tmp_path / "fsdp2", "fsdp2", method, "6")

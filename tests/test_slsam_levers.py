@@ -1,4 +1,4 @@
-"""SL-SAM's levers against update starvation: always-active arms, update scaling, and ``slsam_plus``.
+"""SL-SAM's levers against update starvation: always-active arms, update scaling, and ``slsam_noisy``.
 
 Each lever is compared with a plain reference written here: the arm groups with names listed by hand, the
 pinned sampler with the inner sampler fed directly, the scaled update with a python loop of SL-SAM whose
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import TinyNet, gradient_after_ascent, snapshot
 from torch import nn
 
-from lightning_slsam import SLSAM, Exp3Sampler, PinnedArmsSampler, SLSAMPlus, UniformSampler, build_arms
+from lightning_slsam import SLSAM, Exp3Sampler, PinnedArmsSampler, SLSAMNoisy, SLSAMPlus, UniformSampler, build_arms
 from lightning_slsam.engine.arm_groups import select_arms
 
 LR, WEIGHT_DECAY, RHO, STEPS = 1e-2, 0.1, 0.2, 6
@@ -214,7 +214,7 @@ def test_scaled_update_with_cap_one_equals_plain_slsam_bitwise(make_trainer, tin
         assert torch.equal(p, q), name
 
 
-# --- slsam_plus -----------------------------------------------------------------------------------------------------
+# --- slsam_noisy -----------------------------------------------------------------------------------------------------
 def test_pinned_head_and_vectors_are_active_every_step(make_trainer, tiny_loader) -> None:
     module = TinyNet(batch_norm=True)
     callback = SLSAM(rho=RHO, seed=0, always_active=["head", "vectors"], norm_scale="running_mean", max_update_scale=5)
@@ -226,11 +226,11 @@ def test_pinned_head_and_vectors_are_active_every_step(make_trainer, tiny_loader
     assert not torch.equal(snapshot(module)["model.0.weight"], snapshot(TinyNet(batch_norm=True))["model.0.weight"])
 
 
-def test_slsam_plus_is_slsam_with_pinned_head_and_vectors_and_scaled_updates(make_trainer, tiny_loader) -> None:
+def test_slsam_noisy_is_slsam_with_pinned_head_and_vectors_and_scaled_updates(make_trainer, tiny_loader) -> None:
     plus, slsam = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
-    callback = SLSAMPlus(rho=RHO, seed=0)
+    callback = SLSAMNoisy(rho=RHO, seed=0)
     make_trainer(callbacks=[callback], max_steps=STEPS).fit(plus, tiny_loader)
-    assert callback.method is not None and callback.method.name == "slsam_plus"
+    assert callback.method is not None and callback.method.name == "slsam_noisy"
     same = SLSAM(rho=RHO, seed=0, max_update_scale=5.0, always_active=["head", "vectors"])
     make_trainer(callbacks=[same], max_steps=STEPS).fit(slsam, tiny_loader)
     for (name, p), q in zip(plus.named_parameters(), slsam.parameters(), strict=True):
@@ -241,9 +241,9 @@ def test_slsam_plus_is_slsam_with_pinned_head_and_vectors_and_scaled_updates(mak
         assert not torch.equal(snapshot(plus)[name], fresh[name]), name
 
 
-def test_slsam_plus_levers_can_be_switched_off_to_the_papers_rule(make_trainer, tiny_loader) -> None:
+def test_slsam_noisy_levers_can_be_switched_off_to_the_papers_rule(make_trainer, tiny_loader) -> None:
     plus, slsam = TinyNet(), TinyNet()
-    off = SLSAMPlus(rho=RHO, seed=0, always_active=[], max_update_scale=None)
+    off = SLSAMNoisy(rho=RHO, seed=0, always_active=[], max_update_scale=None)
     make_trainer(callbacks=[off], max_steps=STEPS).fit(plus, tiny_loader)
     make_trainer(callbacks=[SLSAM(rho=RHO, seed=0)], max_steps=STEPS).fit(slsam, tiny_loader)
     for (name, p), q in zip(plus.named_parameters(), slsam.parameters(), strict=True):
@@ -267,7 +267,7 @@ def test_slsam_plus_levers_can_be_switched_off_to_the_papers_rule(make_trainer, 
         ({"dense_update": True, "max_update_scale": None, "second_pass_gate": 0.0}, "dense_update"),
     ],
 )
-@pytest.mark.parametrize("callback", [SLSAM, SLSAMPlus])
+@pytest.mark.parametrize("callback", [SLSAM, SLSAMNoisy])
 def test_bad_lever_arguments_name_the_argument(callback: type, kwargs: dict[str, Any], argument: str) -> None:
     with pytest.raises(ValueError, match=rf"^{argument}:"):
         callback(**kwargs)
@@ -290,7 +290,7 @@ def test_cli_refuses_a_bad_always_active_before_training(tmp_path, spec: str) ->
     from lightning_slsam.app.cli import ConfigError, train
 
     cfg = compose_config(
-        ["method=slsam_plus", "model=resnet20_cifar", "model.weights=null", f"method.always_active={spec}", *SHRINK],
+        ["method=slsam_noisy", "model=resnet20_cifar", "model.weights=null", f"method.always_active={spec}", *SHRINK],
         str(tmp_path),
     )
     with pytest.raises(ConfigError, match=r"^method\.always_active: "):
@@ -350,8 +350,8 @@ def test_the_gate_opens_on_its_first_step_whatever_the_threshold(value: float) -
 
 def test_a_gate_that_always_opens_is_slsam_bitwise(make_trainer, tiny_loader) -> None:
     plain, gated = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
-    make_trainer(callbacks=[SLSAMPlus(rho=RHO, seed=0)], max_steps=STEPS).fit(plain, tiny_loader)
-    callback = SLSAMPlus(rho=RHO, seed=0, second_pass_gate=-1e30)
+    make_trainer(callbacks=[SLSAMNoisy(rho=RHO, seed=0)], max_steps=STEPS).fit(plain, tiny_loader)
+    callback = SLSAMNoisy(rho=RHO, seed=0, second_pass_gate=-1e30)
     make_trainer(callbacks=[callback], max_steps=STEPS).fit(gated, tiny_loader)
     for (name, p), q in zip(plain.named_parameters(), gated.parameters(), strict=True):
         assert torch.equal(p, q), name
@@ -361,12 +361,12 @@ def test_a_gate_that_always_opens_is_slsam_bitwise(make_trainer, tiny_loader) ->
 def test_gate_statistics_resume_and_a_skipped_step_leaves_no_trace(make_trainer, tiny_loader) -> None:
     from lightning_slsam.engine.method import PassOne
 
-    callback = SLSAMPlus(rho=RHO, seed=0, second_pass_gate=0.0)
+    callback = SLSAMNoisy(rho=RHO, seed=0, second_pass_gate=0.0)
     make_trainer(callbacks=[callback], max_steps=3).fit(TinyNet(batch_norm=True), tiny_loader)
     method = callback.method
     assert method is not None
     state = method.state_dict()
-    restored = SLSAMPlus(rho=RHO, seed=0, second_pass_gate=0.0)
+    restored = SLSAMNoisy(rho=RHO, seed=0, second_pass_gate=0.0)
     make_trainer(callbacks=[restored], max_steps=1).fit(TinyNet(batch_norm=True), tiny_loader)
     assert restored.method is not None
     restored.method.load_state_dict(state)
@@ -448,15 +448,19 @@ def test_dense_update_matches_reference(make_trainer, tiny_loader, options: dict
         torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
 
 
-def test_dense_update_without_ascent_is_adamw_bitwise(make_trainer, tiny_loader) -> None:
-    """``rho=0``: pass 2 runs at ``w`` on every tensor, so the step is AdamW's own (the ascent's control)."""
+@pytest.mark.parametrize(
+    "callback",
+    [lambda: SLSAMPlus(rho=0.0), lambda: SLSAMNoisy(rho=0.0, dense_update=True, max_update_scale=None)],
+    ids=["slsam_plus", "slsam_noisy-dense"],
+)
+def test_dense_update_without_ascent_is_adamw_bitwise(make_trainer, tiny_loader, callback) -> None:
+    """``rho=0``: pass 2 runs at ``w`` on every tensor, so the step is AdamW's own (the ascent's control); the
+    shipped ``slsam_plus`` is that dense update by default."""
     from lightning_slsam import Base
 
     adamw, dense = TinyNet(batch_norm=True), TinyNet(batch_norm=True)
     make_trainer(callbacks=[Base()], max_steps=STEPS).fit(adamw, tiny_loader)
-    make_trainer(callbacks=[SLSAMPlus(rho=0.0, dense_update=True, max_update_scale=None)], max_steps=STEPS).fit(
-        dense, tiny_loader
-    )
+    make_trainer(callbacks=[callback()], max_steps=STEPS).fit(dense, tiny_loader)
     for (name, p), q in zip(adamw.named_parameters(), dense.parameters(), strict=True):
         assert torch.equal(p, q), name
 
@@ -469,13 +473,13 @@ def test_sparse_msam_refuses_a_dense_update() -> None:
 
 
 def test_cli_refuses_a_dense_update_with_the_update_scaling_before_training(tmp_path) -> None:
-    """``slsam_plus`` scales its updates by default: a dense update must switch that off, and the CLI says so."""
+    """``slsam_noisy`` scales its updates by default: a dense update must switch that off, and the CLI says so."""
     from conftest import SHRINK, compose_config
 
     from lightning_slsam.app.cli import ConfigError, train
 
     cfg = compose_config(
-        ["method=slsam_plus", "model=resnet20_cifar", "model.weights=null", "method.dense_update=true", *SHRINK],
+        ["method=slsam_noisy", "model=resnet20_cifar", "model.weights=null", "method.dense_update=true", *SHRINK],
         str(tmp_path),
     )
     with pytest.raises(ConfigError, match=r"^method\.dense_update: .*set max_update_scale=None"):

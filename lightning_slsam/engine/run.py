@@ -66,7 +66,8 @@ class Run:
         if self.sharding is not None and not method.shardable:
             raise ValueError(
                 f"{owner}: method {method.name!r} is not supported on FSDP2-sharded parameters (it computes "
-                "whole-tensor statistics of its own); use sam, slsam, slsam_plus, slsam_uniform, rst or base"
+                "whole-tensor statistics of its own); use sam, slsam, slsam_plus, slsam_noisy, slsam_uniform, rst "
+                "or base"
             )
         #: which parameters train at this step (the user's ``requires_grad`` and the optimizer's groups)
         self.trainable = TrainableSet(layout, optimizer_argument)

@@ -35,7 +35,7 @@ from lightning_slsam.methods.msam import MSAMOptions
 from lightning_slsam.methods.registry import METHOD_OPTIONS, class_for, class_name
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
-from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.slsam import SLSAMNoisyOptions, SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.sparse_msam import SparseMSAMOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 
@@ -501,11 +501,19 @@ class SLSAM(SharpnessAware):
 
 
 class SLSAMPlus(SharpnessAware):
-    """SL-SAM with the head and 1-D tensors always active and its update scaled for the sampling rate
-    (``always_active=["head", "vectors"]``, ``max_update_scale=5``): method ``slsam_plus``.
+    """SL-SAM's sparse ascent (the head and 1-D tensors always in it) with a dense update: pass 2 and the
+    optimizer step on every trainable tensor (``dense_update=True``): method ``slsam_plus``.
     Arguments: :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
     options_class = SLSAMPlusOptions
+
+
+class SLSAMNoisy(SharpnessAware):
+    """SL-SAM for noisy labels: the head and 1-D tensors always active, the sampled updates scaled by
+    ``min(1/p, 5)``, the update sparse: method ``slsam_noisy``.
+    Arguments: :class:`~lightning_slsam.methods.slsam.SLSAMNoisyOptions` and the step options."""
+
+    options_class = SLSAMNoisyOptions
 
 
 class MSAM(SharpnessAware):
@@ -535,6 +543,7 @@ NAMED_CALLBACKS: tuple[type[SharpnessAware], ...] = (
     RST,
     SLSAM,
     SLSAMPlus,
+    SLSAMNoisy,
     MSAM,
     SparseMSAM,
 )

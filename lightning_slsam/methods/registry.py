@@ -19,7 +19,7 @@ from lightning_slsam.methods.looksam import LookSAMOptions
 from lightning_slsam.methods.msam import MSAMOptions
 from lightning_slsam.methods.rst import RSTOptions
 from lightning_slsam.methods.sam import ASAMOptions, SAMOptions
-from lightning_slsam.methods.slsam import SLSAMOptions, SLSAMPlusOptions
+from lightning_slsam.methods.slsam import SLSAMNoisyOptions, SLSAMOptions, SLSAMPlusOptions
 from lightning_slsam.methods.sparse_msam import SparseMSAMOptions
 from lightning_slsam.methods.ssam import SSAMDOptions, SSAMFOptions
 
@@ -40,6 +40,7 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
         RSTOptions,
         SLSAMOptions,
         SLSAMPlusOptions,
+        SLSAMNoisyOptions,
         MSAMOptions,
         SparseMSAMOptions,
     )

@@ -1,6 +1,6 @@
 """``sparse_msam``: Momentum-SAM on SL-SAM's sampled arms, one pass per step that differentiates only those arms.
 
-Each step the SL-SAM sampler (the Exp3 bandit of Cheng et al. 2026, with ``slsam_plus``'s levers: the head and
+Each step the SL-SAM sampler (the Exp3 bandit of Cheng et al. 2026, with ``slsam_noisy``'s levers: the head and
 every 1-D tensor always active, each sampled arm's update scaled by ``min(1 / p_i, 5)``) picks the arms S. The
 parameters of S move along their momentum, ``e_S = -rho m_S / (||m_S|| + 1e-12)`` with the norm over S only
 (Momentum-SAM's ascent, :mod:`lightning_slsam.methods.msam`, restricted to S); one forward and one backward pass
@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 from lightning_slsam.engine.method import PassOne
 from lightning_slsam.methods.msam import momentum_ascent
-from lightning_slsam.methods.slsam import SLSAMMethod, SLSAMPlusOptions
+from lightning_slsam.methods.slsam import SLSAMMethod, SLSAMNoisyOptions
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseMSAMOptions(SLSAMPlusOptions):
+class SparseMSAMOptions(SLSAMNoisyOptions):
     """Momentum-SAM on SL-SAM's sampled arms, one pass that differentiates only them: ``sparse_msam``.
 
-    The arguments are ``slsam_plus``'s (:class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions`: ``sparsity``
+    The arguments are ``slsam_noisy``'s (:class:`~lightning_slsam.methods.slsam.SLSAMNoisyOptions`: ``sparsity``
     0.2, ``bandit_lr``, ``seed``, ``sampler``, ``norm_scale``, ``top_fraction``, ``always_active`` default
     ``["head", "vectors"]``, ``max_update_scale`` default 5.0), with Momentum-SAM's radius:
 

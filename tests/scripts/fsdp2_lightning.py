@@ -4,7 +4,7 @@ processes (gloo), or on one process for the reference; each rank dumps the whole
     python fsdp2_lightning.py OUT_DIR STRATEGY METHOD STEPS [SAVE_AT | RESUME_FROM]
 
 STRATEGY is fsdp2 (2 processes; Lightning's launcher re-executes this script for rank 1) or single. METHOD is a
-registered method name (slsam, slsam_plus, sam, ...). Epochs have 3 steps; the run lasts STEPS // 3 epochs. With
+registered method name (slsam, slsam_noisy, sam, ...). Epochs have 3 steps; the run lasts STEPS // 3 epochs. With
 an int SAVE_AT, ModelCheckpoint saves at the end of each epoch (``OUT_DIR/at<step>.ckpt``: a distributed
 checkpoint folder under fsdp2); with a path the run resumes from that checkpoint. Every rank seeds its global RNG
 differently: the arms agree only through the broadcast seed and the global norms (``check_ranks=True`` checks

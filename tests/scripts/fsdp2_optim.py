@@ -35,13 +35,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "base": ("Base", {}),
     "sam": ("SAM", {"rho": 0.05}),
     "slsam": ("SLSAM", {"rho": 0.05, "sparsity": 0.4, "check_ranks": True}),
-    "slsam_plus": ("SLSAMPlus", {"rho": 0.05, "sparsity": 0.4, "check_ranks": True}),
+    "slsam_noisy": ("SLSAMNoisy", {"rho": 0.05, "sparsity": 0.4, "check_ranks": True}),
     "rst": ("RST", {"rho": 0.05}),
     # the sparse ascent with a dense update: pass 2 and the optimizer on every arm
-    "slsam_dense": (
-        "SLSAMPlus",
-        {"rho": 0.05, "sparsity": 0.4, "check_ranks": True, "dense_update": True, "max_update_scale": None},
-    ),
+    "slsam_plus": ("SLSAMPlus", {"rho": 0.05, "sparsity": 0.4, "check_ranks": True}),
 }
 
 
@@ -152,14 +149,14 @@ def run(rank: int, out: str, steps: int) -> None:
     result: dict[str, Any] = {"init": full(build(1)), "single": {m: train(m, 0, 1, steps)[0] for m in METHODS}}
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     result["sharded"] = {m: train(m, rank, WORLD, steps)[0] for m in METHODS}
-    result["fault"] = train("slsam_plus", rank, WORLD, 4, fault_at=1)[0]
-    result["fault_single"] = train("slsam_plus", rank, WORLD, 4, fault_at=None)[0]
+    result["fault"] = train("slsam_noisy", rank, WORLD, 4, fault_at=1)[0]
+    result["fault_single"] = train("slsam_noisy", rank, WORLD, 4, fault_at=None)[0]
     # save after 2 of 4 steps (the model's and the optimizer's sharded state), resume into fresh objects
-    whole, saved, _ = train("slsam_plus", rank, WORLD, 4)
+    whole, saved, _ = train("slsam_noisy", rank, WORLD, 4)
     torch.manual_seed(999)
     x, y = data(4)
     resumed_model = build(WORLD)
-    cls, kwargs = METHODS["slsam_plus"]
+    cls, kwargs = METHODS["slsam_noisy"]
     opt = getattr(optim, cls)(
         resumed_model, torch.optim.AdamW(resumed_model.parameters(), lr=2e-2, weight_decay=0.01), **kwargs
     )
