@@ -407,17 +407,26 @@ def reference_dense_update(model: nn.Module, batches: Sequence[Any], drawn: Sequ
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("make_callback", "name"),
     [
-        {"sampler": "uniform", "sparsity": 0.5},
-        {"sparsity": 0.5, "bandit_lr": 0.5},  # the bandit moves between steps
-        {"sampler": "uniform", "sparsity": 0.3, "always_active": ["head", "vectors"]},
+        (lambda: SLSAM(rho=RHO, seed=0, dense_update=True, sampler="uniform", sparsity=0.5), "slsam_uniform_dense"),
+        # the bandit moves between steps
+        (lambda: SLSAM(rho=RHO, seed=0, dense_update=True, sparsity=0.5, bandit_lr=0.5), "slsam_dense"),
+        (
+            lambda: SLSAM(
+                rho=RHO, seed=0, dense_update=True, sampler="uniform", sparsity=0.3, always_active=["head", "vectors"]
+            ),
+            "slsam_uniform_dense",
+        ),
+        # the shipped default: the bandit, the head and 1-D tensors pinned, the dense update
+        (lambda: SLSAMPlus(rho=RHO, seed=0, sparsity=0.3, bandit_lr=0.5), "slsam_plus"),
     ],
+    ids=["uniform", "bandit", "uniform-pinned", "slsam_plus"],
 )
-def test_dense_update_matches_reference(make_trainer, tiny_loader, options: dict[str, Any]) -> None:
+def test_dense_update_matches_reference(make_trainer, tiny_loader, make_callback, name: str) -> None:
     module = TinyNet()
     ref = copy.deepcopy(module.model)
-    callback = SLSAM(rho=RHO, seed=0, dense_update=True, **options)
+    callback = make_callback()
     drawn: list[list[str]] = []
     updated: list[list[str]] = []
 
@@ -439,7 +448,7 @@ def test_dense_update_matches_reference(make_trainer, tiny_loader, options: dict
 
     make_trainer(callbacks=[callback, Recorder()], max_steps=STEPS).fit(module, tiny_loader)
     assert callback.method is not None
-    assert callback.method.name == ("slsam_uniform_dense" if options.get("sampler") == "uniform" else "slsam_dense")
+    assert callback.method.name == name
     everything = [n for n, _ in module.named_parameters()]
     assert updated == [everything] * STEPS  # every tensor reaches the optimizer on every step
     assert all(0 < len(d) < len(everything) for d in drawn)  # while the ascent was sparse
