@@ -642,6 +642,25 @@ def test_load_state_dict_refuses_what_it_did_not_write() -> None:
         opt.load_state_dict(state)
 
 
+def test_a_slsam_plus_state_from_before_the_dense_update_is_refused_not_resumed_as_dense() -> None:
+    """A state named slsam_plus without the dense_update flag was written by the sparse, scaled update (now
+    slsam_noisy): resuming it as the dense update would silently change the run's rule."""
+    model = TinyNet()
+    opt = optim.SLSAMPlus(model, torch.optim.AdamW(model.parameters(), lr=LR), seed=0)
+    state = opt.state_dict()
+    assert state["method_state"]["dense_update"] is True
+    before = {k: v.clone() for k, v in opt.method.sampler.state_dict().items() if isinstance(v, torch.Tensor)}
+    del state["method_state"]["dense_update"]
+    with pytest.raises(ValueError, match=r"^state: this slsam_plus checkpoint was written before .*slsam_noisy"):
+        opt.load_state_dict(state)
+    after = opt.method.sampler.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
+    noisy = optim.SLSAMNoisy(model, torch.optim.AdamW(model.parameters(), lr=LR), seed=0)
+    saved = noisy.state_dict()
+    assert saved["method_state"]["dense_update"] is False
+    noisy.load_state_dict(saved)
+
+
 def test_a_closure_that_calls_backward_gets_a_clear_error() -> None:
     model = TinyNet()
     opt = optim.SAM(model, torch.optim.SGD(model.parameters(), lr=LR), rho=RHO)

@@ -319,6 +319,8 @@ class SLSAMMethod(Method):
     name = "slsam"
     sparse_pass_one = True
     shardable = True
+    #: whether pass 2 and the optimizer step take every trainable arm (recorded in the checkpoint state)
+    dense_update: bool = False
 
     def __init__(
         self,
@@ -457,7 +459,7 @@ class SLSAMMethod(Method):
 
     def state_dict(self) -> dict[str, Any]:
         self._flush()
-        state: dict[str, Any] = {"sampler": self.sampler.state_dict()}
+        state: dict[str, Any] = {"sampler": self.sampler.state_dict(), "dense_update": self.dense_update}
         if self._eligible is not None and not bool(self._eligible.all()):
             state["eligible"] = self._eligible.clone()
         if self._gate is not None:
@@ -465,9 +467,16 @@ class SLSAMMethod(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = None
         if "sampler" not in state:
             raise ValueError("state: SL-SAM's state has no 'sampler' entry; pass what state_dict() returned")
+        if "dense_update" not in state and self.name == "slsam_plus":
+            # states without the flag predate the rename, when a state named slsam_plus was the sparse update
+            raise ValueError(
+                "state: this slsam_plus checkpoint was written before slsam_plus became the dense update; its run "
+                "took the sparse, scaled update, now method slsam_noisy (SLSAMNoisy). Load only its weights and "
+                "continue with slsam_noisy, or with slsam_plus for the dense update"
+            )
+        self._pending = None
         eligible = state.get("eligible")
         if eligible is not None and self.resample is not None:  # the sampler of the saved trainable arms
             self.sampler = self.resample(eligible)
@@ -491,6 +500,7 @@ class SLSAMDenseUpdateMethod(SLSAMMethod):
     #: pass 2 adds arms, so it never replays pass 1's prefix: pass 1 records nothing (keeping those activations
     #: alive would only cost memory)
     sparse_pass_one = False
+    dense_update = True
 
     def pass2_arms(self, first: PassOne) -> Tensor | None:
         return self.all_arms
