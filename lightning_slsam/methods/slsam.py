@@ -76,7 +76,8 @@ class SLSAMOptions(MethodOptions):
         norm_scale: ``"raw"`` (default, faithful) or ``"running_mean"`` (scale-free bandit, see
             :class:`~lightning_slsam.engine.samplers.Exp3Sampler`).
         top_fraction: sample only among the top ``ceil(top_fraction * N)`` of the N arms, in parameter
-            order (default 1.0: all arms, the paper's); the arms below never train. With ``arms="block"``
+            order (default 1.0: all arms, the paper's); the arms below are never perturbed, and never train unless
+            ``dense_update`` takes them into pass 2. With ``arms="block"``
             and ``sparsity`` then a fraction of the window, this is the low-cost setting: backward passes
             stop at the window and pass 2 replays the forward below it (see
             :class:`~lightning_slsam.engine.samplers.TopArmsSampler`).
