@@ -188,13 +188,12 @@ METHODS: dict[str, list[str]] = {
     # norm is at least its running mean (c = 0) or half a standard deviation under it (c = -0.5)
     "slsam_noisy_gate0": ["method=slsam_noisy", "method.second_pass_gate=0"],
     "slsam_noisy_gate-0.5": ["method=slsam_noisy", "method.second_pass_gate=-0.5"],
-    # the shipped default: the sparse ascent of slsam_noisy (head and 1-D tensors pinned, a fifth of the others
-    # sampled) with a dense update: pass 2 and AdamW on every tensor, no update scaling. Its rho=0 control is AdamW
-    # itself (bitwise)
+    # the shipped default: the ascent on a fifth of the top third of the tensors and the head (pass 1's backward
+    # stops at that window), a dense update: pass 2 and AdamW on every tensor. Its rho=0 control is AdamW (bitwise)
     "slsam_plus": ["method=slsam_plus"],
-    # the same dense update with the ascent only in the top third of the tensors (the head pinned, no lower tensor):
-    # pass 1's backward stops there, which brings the step under 0.8x SAM's on both benchmark models
-    "slsam_plus_top": ["method=slsam_plus", "method.always_active=[head]", "method.top_fraction=0.34"],
+    # the same dense update with the ascent at every depth, slsam_noisy's pins (head and 1-D tensors): more ascent,
+    # and pass 1's backward reaches the input
+    "slsam_plus_full": ["method=slsam_plus", "method.always_active=[head,vectors]", "method.top_fraction=1.0"],
 }
 
 
@@ -473,7 +472,7 @@ RHO0_CONTROLS: dict[str, str] = {
     "sparse_msam_r0.3": "sparse_msam_rho0",
     # a dense update without an ascent is AdamW's step (tests/test_slsam_levers.py, bitwise): AdamW is the control
     "slsam_plus": "base",
-    "slsam_plus_top": "base",
+    "slsam_plus_full": "base",
 }
 
 

@@ -177,11 +177,13 @@ def test_slsam_noisy_is_slsam_with_head_and_vectors_pinned_and_the_update_scaled
     assert METHOD_OPTIONS["slsam_noisy"]().always_active is not plus.always_active  # no shared default list
 
 
-def test_slsam_plus_is_slsam_with_head_and_vectors_pinned_and_a_dense_update() -> None:
+def test_slsam_plus_is_slsam_with_the_head_pinned_a_top_third_window_and_a_dense_update() -> None:
     plus, plain = METHOD_OPTIONS["slsam_plus"](), METHOD_OPTIONS["slsam"]()
     assert plus.dense_update and not plain.dense_update and plus.max_update_scale is None
-    assert plus.always_active == ["head", "vectors"]
-    assert dataclasses.replace(plus, dense_update=False, always_active=[]).as_dict() == plain.as_dict()
+    assert plus.always_active == ["head"] and plus.top_fraction == 0.34
+    assert (
+        dataclasses.replace(plus, dense_update=False, always_active=[], top_fraction=1.0).as_dict() == plain.as_dict()
+    )
     assert (plus.label, dataclasses.replace(plus, dense_update=False).label) == ("slsam_plus", "slsam_plus_sparse")
     noisy = METHOD_OPTIONS["slsam_noisy"](dense_update=True, max_update_scale=None)
     assert noisy.label == "slsam_noisy_dense"

@@ -401,12 +401,14 @@ PAGE_BENCHES = {
         "step_resnet20_digits_cpu-1t.json",
         "step_resnet20_digits_gate_cpu-1t.json",
         "step_resnet20_digits_dense_cpu-1t.json",
+        "step_resnet20_digits_top_cpu-1t.json",
     ],
     "sst2": [
         "step_minilm_sst2_frontier_cpu-1t.json",
         "step_minilm_sst2_cpu-1t.json",
         "step_minilm_sst2_gate_cpu-1t.json",
         "step_minilm_sst2_dense_cpu-1t.json",
+        "step_minilm_sst2_top_cpu-1t.json",
     ],
 }
 

@@ -457,6 +457,36 @@ def test_dense_update_matches_reference(make_trainer, tiny_loader, make_callback
         torch.testing.assert_close(dict(module.model.named_parameters())[name], p, rtol=1e-6, atol=1e-6)
 
 
+def test_slsam_plus_perturbs_only_its_top_third_and_the_head_and_updates_every_tensor() -> None:
+    """The shipped window: pass 1 and the ascent stay among the top ceil(0.34 N) free tensors and the head, while
+    every tensor, the ones below the window included, takes AdamW's step on every step."""
+    from lightning_slsam import optim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(5)], nn.Linear(8, 3))
+    opt = optim.SLSAMPlus(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rho=RHO, seed=0, sparsity=0.5)
+    names = [n for n, _ in model.named_parameters()]  # 12 tensor arms, the last two the head
+    window = set(names[10 - 4 : 10]) | {"5.weight", "5.bias"}  # ceil(0.34 * 10) = 4 free arms on top, and the head
+    drawn: list[set[str]] = []
+    sample = opt.method.pass1_arms
+
+    def recording() -> torch.Tensor:
+        arms = sample()
+        drawn.append({n for n, on in zip(names, arms.tolist(), strict=True) if on})
+        return arms
+
+    opt.method.pass1_arms = recording  # type: ignore[method-assign]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(6):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert all(not torch.equal(after[n], before[n]) for n in names)  # every tensor stepped, every step
+        before = after
+    assert all({"5.weight", "5.bias"} <= d <= window for d in drawn)
+    assert set().union(*drawn) - {"5.weight", "5.bias"}  # the bandit sampled inside the window
+
+
 @pytest.mark.parametrize(
     "callback",
     [lambda: SLSAMPlus(rho=0.0), lambda: SLSAMNoisy(rho=0.0, dense_update=True, max_update_scale=None)],
