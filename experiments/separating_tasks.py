@@ -161,7 +161,8 @@ METHODS: dict[str, list[str]] = {
     "slsam_scaled": ["method=slsam", "method.max_update_scale=5.0"],
     "slsam_scaled_rm": ["method=slsam", "method.max_update_scale=5.0", "method.norm_scale=running_mean"],
     "slsam_scaled_s05": ["method=slsam", "method.max_update_scale=5.0", "method.sparsity=0.5"],
-    # the shipped combination: the head and 1-D tensors always active, and the update scaling
+    # the noisy-label setting (slsam_plus until it was renamed): the head and 1-D tensors always active, and the
+    # update scaling
     "slsam_noisy": ["method=slsam_noisy"],
     # the controls that separate sharpness from sparsity (issue 23): the same sampler, pinned arms and update scaling
     # with no ascent at all. ``method.rho`` (not the global ``rho``, which the task sets and the method config only

@@ -465,8 +465,8 @@ class SLSAM(SharpnessAwareOptimizer):
 
 
 class SLSAMPlus(SharpnessAwareOptimizer):
-    """SL-SAM's sparse ascent with a dense update (every trainable tensor steps every step): arguments
-    :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
+    """SL-SAM's sparse ascent in the top third of the tensors with a dense update (every trainable tensor steps
+    every step): arguments :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
     options_class = SLSAMPlusOptions
 

@@ -418,7 +418,7 @@ def reference_dense_update(model: nn.Module, batches: Sequence[Any], drawn: Sequ
             ),
             "slsam_uniform_dense",
         ),
-        # the shipped default: the bandit, the head and 1-D tensors pinned, the dense update
+        # the shipped default: the bandit in the top third, the head pinned, the dense update
         (lambda: SLSAMPlus(rho=RHO, seed=0, sparsity=0.3, bandit_lr=0.5), "slsam_plus"),
     ],
     ids=["uniform", "bandit", "uniform-pinned", "slsam_plus"],
@@ -476,11 +476,11 @@ def test_slsam_plus_perturbs_only_its_top_third_and_the_head_and_updates_every_t
         return arms
 
     opt.method.pass1_arms = recording  # type: ignore[method-assign]
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     for _ in range(6):
         opt.step(lambda: F.cross_entropy(model(x), y))
-        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        after = snapshot(model)
         assert all(not torch.equal(after[n], before[n]) for n in names)  # every tensor stepped, every step
         before = after
     assert all({"5.weight", "5.bias"} <= d <= window for d in drawn)

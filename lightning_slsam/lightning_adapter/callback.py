@@ -501,7 +501,7 @@ class SLSAM(SharpnessAware):
 
 
 class SLSAMPlus(SharpnessAware):
-    """SL-SAM's sparse ascent (the head and 1-D tensors always in it) with a dense update: pass 2 and the
+    """SL-SAM's sparse ascent in the top third of the tensors (and the head) with a dense update: pass 2 and the
     optimizer step on every trainable tensor (``dense_update=True``): method ``slsam_plus``.
     Arguments: :class:`~lightning_slsam.methods.slsam.SLSAMPlusOptions` and the step options."""
 
